@@ -1,0 +1,334 @@
+"""CapFilt: caption the web images, filter web and synthetic texts, write the bootstrapped corpus.
+
+The captioner and the filter are fine-tuned separately from the same pre-trained model (paper,
+Table 4). Several of each form an ensemble: synthetic captions are pooled from every captioner,
+and a text's match probability is the mean ITM probability over the filters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from blip_core.checkpoint import load_for_inference
+from blip_core.data.dataset import ImageOnlyDataset, image_transform
+from blip_core.data.formats import Rejection, Sample, list_shards, read_karpathy, write_shards
+from blip_core.data.ingest import iter_valid
+from blip_core.io import atomic_dir, atomic_write_json, sha256_bytes
+
+SYNTHETIC_FILE = "synthetic.jsonl"
+MANIFEST_FILE = "manifest.json"
+SCORES_FILE = "scores.jsonl"
+
+
+@dataclass(frozen=True)
+class CapfiltConfig:
+    """How captions are generated and texts filtered."""
+
+    threshold: float = 0.5  # a text is noisy when its ITM match probability is below this
+    method: Literal["nucleus", "beam", "greedy"] = "nucleus"  # paper: nucleus is more diverse, better
+    top_p: float = 0.9  # nucleus sampling mass
+    num_beams: int = 3  # beam search width
+    num_captions: int = 1  # synthetic captions per web image and captioner
+    max_length: int = 20  # generated tokens at most (prompt excluded)
+    min_length: int = 5  # generated tokens at least
+    batch_size: int = 64  # images per forward
+    seed: int = 0  # seeds nucleus sampling
+    shard_size: int = 2000  # samples per corpus shard
+    device: str = "cpu"  # "cuda" on a GPU
+
+
+def _device(cfg: CapfiltConfig) -> torch.device:
+    return torch.device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "cpu")
+
+
+def _batches(dataset: ImageOnlyDataset, size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    for start in range(0, len(dataset), size):
+        idx = list(range(start, min(start + size, len(dataset))))
+        yield torch.stack([dataset[i][0] for i in idx]), idx
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+
+
+def caption_web(
+    captioners: Sequence[str],
+    web: Sequence[str],
+    out: str | Path,
+    cfg: CapfiltConfig = CapfiltConfig(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate synthetic captions for every valid web image with each captioner.
+
+    Writes ``out/synthetic.jsonl`` (one line per image: ``key`` and ``captions``, pooled over
+    the captioners) and ``out/manifest.json``, atomically.
+
+    Returns:
+        The manifest: images, captions, captioners, seconds, generated tokens per second.
+    """
+    from blip_core.generate import generate_captions
+
+    start = time.time()
+    device = _device(cfg)
+    by_key: dict[str, list[str]] = {}
+    tokens = 0
+    for ckpt in captioners:
+        model, tokenizer = load_for_inference(ckpt, device)
+        dataset = ImageOnlyDataset(list(web), transform=image_transform(model.cfg.vision.image_size))
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        with _progress(len(dataset), f"caption ({Path(ckpt).name})", progress) as bar:
+            for images, idx in _batches(dataset, cfg.batch_size):
+                captions = generate_captions(
+                    model, tokenizer, images.to(device), method=cfg.method,
+                    num_captions=cfg.num_captions, top_p=cfg.top_p, num_beams=cfg.num_beams,
+                    max_length=cfg.max_length, min_length=cfg.min_length, generator=generator,
+                )
+                for i, caps in zip(idx, captions, strict=True):
+                    by_key.setdefault(dataset.keys[i], []).extend(caps)
+                    tokens += sum(len(tokenizer(c).input_ids) - 1 for c in caps)
+                bar.update(len(idx))
+    seconds = time.time() - start
+    manifest = {
+        "images": len(by_key),
+        "captions": sum(map(len, by_key.values())),
+        "captioners": [str(c) for c in captioners],
+        "config": _cfg_dict(cfg),
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+    }
+    with atomic_dir(out) as tmp:
+        lines = (json.dumps({"key": k, "captions": v}) for k, v in by_key.items())
+        (tmp / SYNTHETIC_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def read_synthetic(path: str | Path) -> dict[str, list[str]]:
+    """Synthetic captions by web key, from a ``caption_web`` folder (or its jsonl file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SYNTHETIC_FILE
+    out: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[row["key"]] = list(row["captions"])
+    return out
+
+
+def score_texts(
+    filters: Sequence[str],
+    web: Sequence[str],
+    synthetic: dict[str, list[str]],
+    cfg: CapfiltConfig = CapfiltConfig(),
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Mean ITM match probability over ``filters`` of every web text and synthetic caption.
+
+    Returns:
+        One row per text: ``key``, ``source`` ("web" or "synthetic"), ``text``, ``prob``.
+    """
+    from blip_core.filtering import itm_probabilities
+
+    device = _device(cfg)
+    rows: list[dict[str, Any]] | None = None
+    for ckpt in filters:
+        model, tokenizer = load_for_inference(ckpt, device)
+        dataset = ImageOnlyDataset(list(web), transform=image_transform(model.cfg.vision.image_size))
+        probs: list[float] = []
+        with _progress(len(dataset), f"filter ({Path(ckpt).name})", progress) as bar:
+            for images, idx in _batches(dataset, cfg.batch_size):
+                texts = [dataset.captions[i] + synthetic.get(dataset.keys[i], []) for i in idx]
+                for p in itm_probabilities(model, tokenizer, images.to(device), texts):
+                    probs.extend(p.tolist())
+                bar.update(len(idx))
+        if rows is None:
+            rows = [
+                {"key": dataset.keys[i], "source": source, "text": text, "prob": 0.0}
+                for i in range(len(dataset))
+                for source, text in [("web", c) for c in dataset.captions[i]]
+                + [("synthetic", c) for c in synthetic.get(dataset.keys[i], [])]
+            ]
+        for row, p in zip(rows, probs, strict=True):
+            row["prob"] += p / len(filters)
+    return rows or []
+
+
+def build_corpus(
+    filters: Sequence[str],
+    web: Sequence[str],
+    synthetic: str | Path | None,
+    human_annotations: str | Path,
+    out: str | Path,
+    cfg: CapfiltConfig = CapfiltConfig(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write the bootstrapped corpus: human train pairs + web texts kept + synthetic kept.
+
+    The corpus is a folder of shards in the web format. Samples of one image share its
+    ``image_id`` in their ``.json`` (so they are positives of each other in ITC). Beside the
+    shards: ``scores.jsonl`` (every scored text, its probability and decision) and
+    ``manifest.json`` (counts kept / removed per source, noise ratios, threshold, checkpoints,
+    image hashes of the human images included).
+    """
+    start = time.time()
+    synth = read_synthetic(synthetic) if synthetic else {}
+    rows = score_texts(filters, web, synth, cfg, progress)
+    for row in rows:
+        row["kept"] = row["prob"] >= cfg.threshold
+    kept_by_key: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["kept"]:
+            kept_by_key.setdefault(row["key"], []).append(row)
+
+    ann = Path(human_annotations)
+    human = [im for im in read_karpathy(ann) if im.split == "train"]
+    human_hashes: list[str] = []
+
+    def samples() -> Iterator[Sample]:
+        for im in human:
+            jpg = (ann.parent / im.image).read_bytes()
+            human_hashes.append(sha256_bytes(jpg))
+            for i, caption in enumerate(im.captions):
+                meta = {"image_id": f"human/{im.image_id}", "source": "human"}
+                yield Sample(f"h_{_safe(im.image_id)}_{i}", jpg, caption, meta)
+        for item in iter_valid([s for w in web for s in _shards(w)]):
+            if isinstance(item, Rejection) or item.key not in kept_by_key:
+                continue
+            for j, row in enumerate(kept_by_key[item.key]):
+                meta = {"image_id": f"web/{item.key}", "source": row["source"],
+                        "itm_prob": round(row["prob"], 4)}
+                yield Sample(f"{item.key}_{row['source'][0]}{j}", item.jpg, row["text"], meta)
+
+    counts = {"human": sum(len(im.captions) for im in human)}
+    for source in ("web", "synthetic"):
+        total = sum(r["source"] == source for r in rows)
+        kept = sum(r["source"] == source and r["kept"] for r in rows)
+        counts[f"{source}_kept"], counts[f"{source}_removed"] = kept, total - kept
+    with atomic_dir(out) as tmp:
+        shards = write_shards(samples(), tmp, cfg.shard_size)
+        scores = "\n".join(json.dumps({**r, "prob": round(r["prob"], 5)}) for r in rows)
+        (tmp / SCORES_FILE).write_text(scores + "\n", encoding="utf-8")
+        manifest = {
+            "counts": counts,
+            "total": counts["human"] + counts["web_kept"] + counts["synthetic_kept"],
+            "noise_ratio": {s: _ratio(counts[f"{s}_removed"], counts[f"{s}_kept"])
+                            for s in ("web", "synthetic")},
+            "threshold": cfg.threshold,
+            "checkpoints": {"filters": [str(f) for f in filters]},
+            "synthetic": str(synthetic) if synthetic else None,
+            "web": [str(w) for w in web],
+            "human_annotations": str(ann),
+            "human_image_sha256": sorted(set(human_hashes)),
+            "shards": [p.name for p in shards],
+            "config": _cfg_dict(cfg),
+            "seconds": round(time.time() - start, 2),
+        }
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _shards(path: str | Path) -> list[Path]:
+    path = Path(path)
+    return [path] if path.is_file() else list_shards(path)
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
+
+
+def _ratio(removed: int, kept: int) -> float:
+    return removed / (removed + kept) if removed + kept else 0.0
+
+
+def _cfg_dict(cfg: CapfiltConfig) -> dict[str, Any]:
+    from blip_core.config import to_dict
+
+    return to_dict(cfg)
+
+
+def filter_quality(scores: str | Path, truth: str | Path) -> dict[str, float]:
+    """Precision and recall (0..1) of the filter's 'noisy' decisions on web texts vs the truth.
+
+    Args:
+        scores: a corpus folder (its ``scores.jsonl``) or the file.
+        truth: the shapes world's ``web_truth.jsonl`` (``key``, ``noisy``).
+    """
+    scores, truth = Path(scores), Path(truth)
+    if scores.is_dir():
+        scores = scores / SCORES_FILE
+    noisy = {}
+    for line in truth.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            noisy[row["key"]] = bool(row["noisy"])
+    tp = fp = fn = 0
+    for line in scores.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row["source"] != "web" or row["key"] not in noisy:
+            continue
+        removed, is_noisy = not row["kept"], noisy[row["key"]]
+        tp += removed and is_noisy
+        fp += removed and not is_noisy
+        fn += (not removed) and is_noisy
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "removed_noisy": tp, "removed_clean": fp, "kept_noisy": fn,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``blip-core capfilt``: captioners + filters + web shards → bootstrapped corpus."""
+    d = CapfiltConfig()
+    p = argparse.ArgumentParser(
+        prog="blip-core capfilt",
+        description="Caption web images with the captioner(s), score web and synthetic texts with "
+                    "the filter(s) (mean ITM probability), and write the bootstrapped corpus: human "
+                    "train pairs + web texts kept + synthetic captions kept.",
+    )
+    p.add_argument("--captioner", action="append", help="captioner checkpoint (repeat for an ensemble)")
+    p.add_argument("--synthetic", type=Path, help="existing synthetic captions (a caption_web folder or "
+                   "its synthetic.jsonl): skip captioning")
+    p.add_argument("--filter", action="append", required=True, help="filter checkpoint (repeat for an "
+                   "ensemble: mean ITM probability)")
+    p.add_argument("--web", nargs="+", required=True, help="web shard folders")
+    p.add_argument("--human", required=True, help="human annotations.json (its train split is kept)")
+    p.add_argument("--out", type=Path, required=True, help="corpus folder to write")
+    p.add_argument("--synthetic-out", type=Path, help="where to write the synthetic captions "
+                   "(default OUT.synthetic)")
+    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--method", choices=["nucleus", "beam", "greedy"], default=d.method)
+    p.add_argument("--num-captions", type=int, default=d.num_captions)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--truth", type=Path, help="web_truth.jsonl: also report filter precision/recall")
+    args = p.parse_args(argv)
+    cfg = replace(d, threshold=args.threshold, method=args.method, num_captions=args.num_captions,
+                  batch_size=args.batch_size, seed=args.seed, device=args.device)
+    if args.synthetic:
+        synthetic = args.synthetic
+    elif args.captioner:
+        synthetic = args.synthetic_out or args.out.with_name(args.out.name + ".synthetic")
+        caption_web(args.captioner, args.web, synthetic, cfg)
+    else:
+        p.error("give --captioner CHECKPOINT (to caption the web images) or --synthetic CAPTIONS")
+    manifest = build_corpus(args.filter, args.web, synthetic, args.human, args.out, cfg)
+    print(json.dumps({"counts": manifest["counts"], "noise_ratio": manifest["noise_ratio"]}, indent=2))
+    if args.truth:
+        print(json.dumps({"filter": filter_quality(args.out, args.truth)}, indent=2))
+    print(f"corpus: {args.out.resolve()}")
+    return 0

@@ -1,0 +1,544 @@
+"""Captioning: greedy decoding, nucleus sampling and beam search with the MED decoder.
+
+Each image is encoded once per batch. The prompt ("[DEC] a picture of") is fed once per image,
+then one token per step through the key/value cache; the cross-attention keys and values of the
+image tokens are computed in that first call and reused by every later step. Rows that finish
+(an image whose beams can no longer improve, a sample that produced [SEP]) are dropped from the
+batch and from the cache, so the cost of a step follows the number of live sequences.
+
+Lengths: ``max_length`` and ``min_length`` count the tokens generated after the prompt (HF's
+``max_new_tokens`` / ``min_new_tokens``): at most ``max_length`` tokens, [SEP] included, and
+at least ``min_length`` tokens before [SEP]. The official BLIP code passes its values to HF
+``generate`` as total lengths, prompt included, so its ``max_length=20, min_length=5`` with the
+4-token prompt equal ``max_length=16, min_length=1`` here.
+
+Repetition penalty (HF's definition): for every token already in the sequence, prompt
+included, a positive score is divided by the penalty and a negative one multiplied by it.
+Sampling and greedy decoding apply it to the logits, beam search to the log-probabilities, as
+HF does. Its default depends on the method as in BLIP: 1.1 for nucleus sampling, 1.0 for beam
+search and greedy decoding.
+
+Beam search follows HF ``generate`` (``num_beams``, ``length_penalty=1.0``,
+``early_stopping=False``): a finished hypothesis scores ``sum(log p) / n ** length_penalty``
+with ``n`` the generated tokens ([SEP] included); only candidates ranked within the top
+``num_beams`` may finish; an image stops once it holds ``num_beams`` finished hypotheses and
+its best running beam, normalised by its current length, cannot beat the worst of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from blip_core.config import DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
+from blip_core.med import LayerCache
+from blip_core.model import BlipModel
+
+Method = Literal["greedy", "nucleus", "beam"]
+METHODS: tuple[str, ...] = ("greedy", "nucleus", "beam")
+# BLIP's repetition penalties: 1.1 hard-coded for sampling, 1.0 (its default) for beam search.
+DEFAULT_REPETITION_PENALTY: dict[str, float] = {"greedy": 1.0, "nucleus": 1.1, "beam": 1.0}
+
+
+@dataclass
+class Generation:
+    """Token ids generated for a batch of images (the prompt not included).
+
+    ``tokens[b][j]`` is caption ``j`` of image ``b``: ids after the prompt, ending with [SEP]
+    when the caption finished before ``max_length``. For beam search ``scores[b][j]`` is its
+    length-normalised log-probability and captions are sorted best first; sampling leaves
+    ``scores`` empty.
+    """
+
+    tokens: list[list[list[int]]]
+    scores: list[list[float]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Generated tokens in total ([SEP] included)."""
+        return sum(len(t) for caps in self.tokens for t in caps)
+
+
+@dataclass
+class CaptionStats:
+    """Running totals of a captioning job (filled by :func:`caption_dataset`)."""
+
+    images: int = 0
+    captions: int = 0
+    tokens: int = 0  # generated tokens, [SEP] included
+    seconds: float = 0.0  # time spent generating (data loading excluded)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module, bf16: bool = False) -> Iterator[None]:
+    """``model.eval()`` + ``torch.inference_mode()`` (+ bf16 autocast); restores the mode after."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    if was_training:  # walking every module (momentum copies too) costs ~10 ms a call on a GPU
+        model.eval()
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters."""
+    return next(model.parameters()).device
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
+    """(P,) ids of ``[DEC] prompt``: the tokenised prompt with [DEC] for [CLS] and no [SEP]."""
+    ids = tokenizer(prompt).input_ids[:-1]  # [CLS] words ([SEP] dropped)
+    ids[0] = DEC_TOKEN_ID
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --- decoding steps ------------------------------------------------------------------------
+
+
+def _decode_step(
+    model: BlipModel,
+    ids: torch.Tensor,
+    cache: list[LayerCache] | None,
+    image_embeds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[LayerCache]]:
+    """Feed (R, L) ids; return (R, V) float logits of the next token and the grown cache."""
+    hidden, cache = model.text_encoder(
+        ids, None, image_embeds, mode="decoder", past_key_values=cache, use_cache=True
+    )
+    logits = model.lm_head(hidden[:, -1:], model.text_encoder.embeddings.word_embeddings.weight)
+    assert cache is not None
+    return logits[:, 0].float(), cache
+
+
+def _select_rows(cache: list[LayerCache], rows: torch.Tensor) -> list[LayerCache]:
+    """Keep (and reorder / repeat) the cache rows ``rows`` (R',) of every layer."""
+    out: list[LayerCache] = []
+    for (k, v), cross in cache:
+        cross_rows = None if cross is None else (cross[0][rows], cross[1][rows])
+        out.append(((k[rows], v[rows]), cross_rows))
+    return out
+
+
+def apply_repetition_penalty(
+    scores: torch.Tensor, sequences: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """HF's repetition penalty on (R, V) scores for the tokens of (R, T) ``sequences``.
+
+    Scores of tokens already present are divided by ``penalty`` when positive and multiplied by
+    it when negative (so a penalty > 1 always makes them less likely).
+    """
+    if penalty == 1.0:
+        return scores
+    seen = scores.gather(1, sequences)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, sequences, seen)
+
+
+def sample_top_p(
+    logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Nucleus sampling (temperature 1): one token per row of (R, V) logits, returned as (R,).
+
+    Each row samples from the smallest set of most likely tokens whose probability reaches
+    ``top_p`` (at least the most likely token), renormalised. The set is looked for among the
+    top 64 tokens first, then the top 1024, and in the whole vocabulary only when a row needs
+    more, so that a peaked distribution costs a small ``topk`` rather than a sort of the whole
+    vocabulary.
+    """
+    probs = logits.softmax(-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    vocab = probs.shape[-1]
+    k = min(64, vocab)
+    while True:
+        top, ids = probs.topk(k, dim=-1)  # (R, k), most likely first
+        if k == vocab or bool((top.sum(-1) >= top_p).all()):
+            break
+        k = min(vocab, 1024) if k < 1024 else vocab  # 64, then 1024, then everything
+    top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)  # mass ranked ahead >= top_p
+    return ids.gather(1, torch.multinomial(top, 1, generator=generator))[:, 0]
+
+
+def _sample(
+    model: BlipModel,
+    image_embeds: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    num_captions: int,
+    do_sample: bool,
+    top_p: float,
+    max_length: int,
+    min_length: int,
+    penalty: float,
+    generator: torch.Generator | None,
+) -> list[list[list[int]]]:
+    """Greedy decoding or nucleus sampling of ``num_captions`` captions per image."""
+    b, device = image_embeds.shape[0], image_embeds.device
+    prompt = prompt_ids.to(device)
+    logits, cache = _decode_step(model, prompt.expand(b, -1), None, image_embeds)
+    rows = b * num_captions
+    if num_captions > 1:  # each image's prompt state, copied for each of its captions
+        owner = torch.arange(b, device=device).repeat_interleave(num_captions)
+        cache, logits = _select_rows(cache, owner), logits[owner]
+    sequences = prompt.expand(rows, -1)  # (R, P + t): for the repetition penalty
+    alive = torch.arange(rows, device=device)  # original row of each live row
+    out: list[list[int]] = [[] for _ in range(rows)]
+    for t in range(max_length):
+        logits = apply_repetition_penalty(logits, sequences, penalty)
+        if t < min_length:
+            logits[:, SEP_TOKEN_ID] = float("-inf")
+        if do_sample:
+            next_ids = sample_top_p(logits, top_p, generator)
+        else:
+            next_ids = logits.argmax(-1)
+        for row, token in zip(alive.tolist(), next_ids.tolist(), strict=True):
+            out[row].append(token)
+        if t + 1 == max_length:
+            break
+        sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+        running = next_ids != SEP_TOKEN_ID
+        if not bool(running.all()):
+            if not bool(running.any()):
+                break
+            keep = running.nonzero()[:, 0]
+            alive, sequences, next_ids = alive[keep], sequences[keep], next_ids[keep]
+            cache = _select_rows(cache, keep)
+        logits, cache = _decode_step(model, next_ids[:, None], cache)
+    return [out[i * num_captions : (i + 1) * num_captions] for i in range(b)]
+
+
+def _beam_search(
+    model: BlipModel,
+    image_embeds: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    num_beams: int,
+    num_return: int,
+    max_length: int,
+    min_length: int,
+    penalty: float,
+    length_penalty: float,
+) -> tuple[list[list[list[int]]], list[list[float]]]:
+    """Batched beam search (HF semantics, see the module docstring)."""
+    b, device = image_embeds.shape[0], image_embeds.device
+    k, neg_inf = num_beams, float("-inf")
+    prompt = prompt_ids.to(device)
+    logits, cache = _decode_step(model, prompt.expand(b, -1), None, image_embeds)
+    owner = torch.arange(b, device=device).repeat_interleave(k)
+    cache, logits = _select_rows(cache, owner), logits[owner]  # (A*K, ...), A = live images
+
+    active = torch.arange(b, device=device)  # image of each live group of K beams
+    run_scores = torch.full((b, k), neg_inf, device=device)
+    run_scores[:, 0] = 0.0  # all beams start equal: expand only the first one at step 0
+    run_tokens = torch.empty(b, k, 0, dtype=torch.long, device=device)  # generated so far
+    # Finished hypotheses of every image: K best, padded with PAD, normalised scores.
+    fin_tokens = torch.full((b, k, max_length), PAD_TOKEN_ID, dtype=torch.long, device=device)
+    fin_scores = torch.full((b, k), neg_inf, device=device)
+    fin_lengths = torch.zeros(b, k, dtype=torch.long, device=device)
+    rank_ok = torch.arange(2 * k, device=device) < k  # only the top K candidates may finish
+
+    for t in range(max_length):
+        a = active.shape[0]
+        flat_prefix = torch.cat([prompt.expand(a * k, -1), run_tokens.reshape(a * k, t)], dim=1)
+        logp = apply_repetition_penalty(logits.log_softmax(-1), flat_prefix, penalty)
+        if t < min_length:
+            logp[:, SEP_TOKEN_ID] = neg_inf
+        vocab = logp.shape[-1]
+        total = (logp.view(a, k, vocab) + run_scores[:, :, None]).view(a, k * vocab)
+        cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (A, 2K), best first
+        beam, token = cand_idx // vocab, cand_idx % vocab
+        cand_tokens = torch.cat(
+            [run_tokens.gather(1, beam[:, :, None].expand(-1, -1, t)), token[:, :, None]], dim=2
+        )  # (A, 2K, t + 1)
+        last = t + 1 == max_length
+        hits = (token == SEP_TOKEN_ID) | last
+
+        # Finished candidates compete with the image's finished pool for its K places.
+        finishing = hits & rank_ok[None]
+        norm = torch.where(finishing, cand_scores / (t + 1) ** length_penalty, neg_inf)
+        padded = F.pad(cand_tokens, (0, max_length - t - 1), value=PAD_TOKEN_ID)
+        pool_scores = torch.cat([fin_scores[active], norm], dim=1)  # (A, 3K)
+        pool_tokens = torch.cat([fin_tokens[active], padded], dim=1)
+        pool_lengths = torch.cat(
+            [fin_lengths[active], torch.full_like(token, t + 1)], dim=1
+        )
+        best_scores, best = pool_scores.topk(k, dim=-1)
+        fin_scores[active] = best_scores
+        fin_tokens[active] = pool_tokens.gather(1, best[:, :, None].expand(-1, -1, max_length))
+        fin_lengths[active] = pool_lengths.gather(1, best)
+        if last:
+            break
+
+        # The K best unfinished candidates carry on.
+        run_scores, pick = torch.where(hits, neg_inf, cand_scores).topk(k, dim=-1)
+        run_tokens = cand_tokens.gather(1, pick[:, :, None].expand(-1, -1, t + 1))
+        source = beam.gather(1, pick)  # (A, K) beam each continues
+        rows = (torch.arange(a, device=device)[:, None] * k + source).view(-1)
+
+        # Can the best running beam still beat the worst finished hypothesis?
+        worst_finished = fin_scores[active].min(dim=1).values  # -inf while places are free
+        still_open = run_scores[:, 0] / (t + 1) ** length_penalty > worst_finished
+        if not bool(still_open.all()):
+            if not bool(still_open.any()):
+                break
+            keep = still_open.nonzero()[:, 0]
+            active, run_scores, run_tokens = active[keep], run_scores[keep], run_tokens[keep]
+            rows = rows.view(a, k)[keep].view(-1)
+        cache = _select_rows(cache, rows)
+        logits, cache = _decode_step(model, run_tokens[:, :, -1].reshape(-1, 1), cache)
+
+    tokens = [
+        [fin_tokens[i, j, : fin_lengths[i, j]].tolist() for j in range(num_return)]
+        for i in range(b)
+    ]
+    scores = fin_scores[:, :num_return].tolist()
+    return tokens, scores
+
+
+# --- public API ----------------------------------------------------------------------------
+
+
+def generate_token_ids(
+    model: BlipModel,
+    image_embeds: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    *,
+    method: Method = "nucleus",
+    num_captions: int = 1,
+    top_p: float = 0.9,
+    num_beams: int = 3,
+    max_length: int = 20,
+    min_length: int = 5,
+    repetition_penalty: float | None = None,
+    length_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Decode captions from already encoded images (call under :func:`inference`).
+
+    Args:
+        image_embeds: (B, 1 + N, Dv) image tokens from ``model.encode_image``.
+        prompt_ids: (P,) ids from :func:`prompt_token_ids`.
+        method: "greedy" (argmax), "nucleus" (top-p sampling, temperature 1) or "beam".
+        num_captions: captions per image; for beam search the best ``num_captions`` of the
+            final ``num_beams`` hypotheses (so at most ``num_beams``).
+        top_p: nucleus mass.
+        num_beams: beams per image.
+        max_length: most tokens generated after the prompt, [SEP] included.
+        min_length: fewest tokens generated before [SEP] may be chosen.
+        repetition_penalty: HF's penalty; None: 1.1 for nucleus, 1.0 otherwise (as BLIP).
+        length_penalty: exponent of the length normalisation of beam scores.
+        generator: random generator for sampling (on the model's device).
+
+    Returns:
+        The ids generated after the prompt, per image and caption.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if num_captions < 1 or max_length < 1 or min_length < 0:
+        raise ValueError("num_captions >= 1, max_length >= 1 and min_length >= 0 are required")
+    if method == "beam" and not 1 <= num_captions <= num_beams:
+        raise ValueError(f"beam search returns at most num_beams={num_beams} captions per image")
+    positions = model.text_encoder.embeddings.position_embeddings.num_embeddings
+    if prompt_ids.numel() + max_length > positions:
+        raise ValueError(f"prompt ({prompt_ids.numel()}) + max_length ({max_length}) tokens exceed "
+                         f"the decoder's {positions} positions")
+    penalty = DEFAULT_REPETITION_PENALTY[method] if repetition_penalty is None else repetition_penalty
+    if method == "beam":
+        tokens, scores = _beam_search(model, image_embeds, prompt_ids, num_beams, num_captions,
+                                      max_length, min_length, penalty, length_penalty)
+        return Generation(tokens, scores)
+    tokens = _sample(model, image_embeds, prompt_ids, num_captions, method == "nucleus", top_p,
+                     max_length, min_length, penalty, generator)
+    return Generation(tokens)
+
+
+def decode_captions(tokenizer: Any, generation: Generation) -> list[list[str]]:
+    """Generated ids to lower-case strings ([SEP] and other special tokens dropped)."""
+    flat = [ids for caps in generation.tokens for ids in caps]
+    texts = [t.strip() for t in tokenizer.batch_decode(flat, skip_special_tokens=True)]
+    out, i = [], 0
+    for caps in generation.tokens:
+        out.append([texts[i + j].lower() for j in range(len(caps))])
+        i += len(caps)
+    return out
+
+
+def generate_captions(
+    model: BlipModel,
+    tokenizer: Any,
+    images: torch.Tensor,
+    *,
+    method: Method = "nucleus",
+    num_captions: int = 1,
+    top_p: float = 0.9,
+    num_beams: int = 3,
+    max_length: int = 20,
+    min_length: int = 5,
+    repetition_penalty: float | None = None,
+    prompt: str | None = None,
+    generator: torch.Generator | None = None,
+    bf16: bool = False,
+) -> list[list[str]]:
+    """Caption a batch of images; each image is encoded once.
+
+    Args:
+        images: (B, 3, H, W) normalised images.
+        prompt: text after [DEC] that every caption continues; default ``model.cfg.prompt``.
+            It is not part of the returned captions.
+        bf16: run under bf16 autocast.
+        Others: see :func:`generate_token_ids`.
+
+    Returns:
+        B lists of ``num_captions`` lower-case captions.
+    """
+    prompt_ids = prompt_token_ids(tokenizer, model.cfg.prompt if prompt is None else prompt)
+    with inference(model, bf16):
+        image_embeds = model.encode_image(images.to(model_device(model)))
+        generation = generate_token_ids(
+            model, image_embeds, prompt_ids, method=method, num_captions=num_captions,
+            top_p=top_p, num_beams=num_beams, max_length=max_length, min_length=min_length,
+            repetition_penalty=repetition_penalty, generator=generator,
+        )
+    return decode_captions(tokenizer, generation)
+
+
+def caption_dataset(
+    model: BlipModel,
+    tokenizer: Any,
+    dataset: Iterable[tuple[torch.Tensor, str]],
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    progress: bool = True,
+    stats: CaptionStats | None = None,
+    bf16: bool = False,
+    prompt: str | None = None,
+    **gen_kwargs: Any,
+) -> Iterator[tuple[str, list[str]]]:
+    """Caption every image of a dataset of ``(image (3, H, W), key)`` items, in order.
+
+    Args:
+        dataset: e.g. ``blip_core.data.dataset.ImageOnlyDataset``.
+        stats: updated with counts and generation time as batches complete.
+        gen_kwargs: passed to :func:`generate_token_ids` (method, num_captions, ...).
+
+    Yields:
+        (key, captions) per image.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)  # type: ignore[arg-type]
+    total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
+    prompt_ids = prompt_token_ids(tokenizer, model.cfg.prompt if prompt is None else prompt)
+    device = model_device(model)
+    with tqdm(total=total, desc="caption", unit="img", disable=not progress) as bar:
+        for images, keys in loader:
+            start = time.perf_counter()
+            with inference(model, bf16):
+                image_embeds = model.encode_image(images.to(device))
+                generation = generate_token_ids(model, image_embeds, prompt_ids, **gen_kwargs)
+            captions = decode_captions(tokenizer, generation)
+            if stats is not None:
+                stats.seconds += time.perf_counter() - start
+                stats.images += len(keys)
+                stats.captions += sum(len(c) for c in captions)
+                stats.tokens += generation.num_tokens
+            bar.update(len(keys))
+            yield from zip(keys, captions, strict=True)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def read_captions_jsonl(path: str | Path) -> dict[str, list[str]]:
+    """``{"key", "captions"}`` lines (as ``blip-core caption`` writes them) to key -> captions."""
+    out: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record.get("key"), str) or not isinstance(record.get("captions"), list):
+                raise ValueError(f"{path}:{n}: expected {{'key': str, 'captions': [str, ...]}}")
+            out.setdefault(record["key"], []).extend(str(c) for c in record["captions"])
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``blip-core caption``."""
+    p = argparse.ArgumentParser(
+        prog="blip-core caption",
+        description="Caption the images of web shards or of a Karpathy split with a captioner "
+                    "checkpoint; writes one JSON line per image: {\"key\", \"captions\"}.",
+    )
+    p.add_argument("--checkpoint", required=True, help="captioner checkpoint folder")
+    p.add_argument("--data", required=True, help="shard folder / .tar, or ANNOTATIONS.json:SPLIT")
+    p.add_argument("--out", type=Path, required=True, help="captions .jsonl to write (atomically)")
+    p.add_argument("--method", choices=METHODS, default="nucleus",
+                   help="nucleus sampling (default, as CapFilt), beam search or greedy")
+    p.add_argument("--num-captions", type=int, default=1, help="captions per image (default 1)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
+    p.add_argument("--num-beams", type=int, default=3, help="beams (default 3)")
+    p.add_argument("--max-length", type=int, default=20,
+                   help="most tokens after the prompt, [SEP] included (default 20)")
+    p.add_argument("--min-length", type=int, default=5,
+                   help="fewest tokens after the prompt before [SEP] (default 5)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="default: 1.1 for nucleus, 1.0 for beam / greedy (as BLIP)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def default_device(requested: str | None) -> torch.device:
+    """``requested``, else cuda when available, else cpu."""
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``blip-core caption``: caption a dataset and write ``--out`` atomically."""
+    from blip_core.checkpoint import load_for_inference
+    from blip_core.data.dataset import ImageOnlyDataset
+    from blip_core.io import atomic_write_text
+
+    args = build_parser().parse_args(argv)
+    device = default_device(args.device)
+    model, tokenizer = load_for_inference(args.checkpoint, device)
+    dataset = ImageOnlyDataset(args.data, image_size=model.cfg.vision.image_size)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    stats = CaptionStats()
+    lines = [
+        json.dumps({"key": key, "captions": captions}, ensure_ascii=False)
+        for key, captions in caption_dataset(
+            model, tokenizer, dataset, args.batch_size, num_workers=args.num_workers,
+            progress=not args.no_progress, stats=stats, bf16=args.bf16, method=args.method,
+            num_captions=args.num_captions, top_p=args.top_p, num_beams=args.num_beams,
+            max_length=args.max_length, min_length=args.min_length,
+            repetition_penalty=args.repetition_penalty, generator=generator,
+        )
+    ]
+    atomic_write_text(args.out, "".join(line + "\n" for line in lines))
+    print(f"{stats.captions} captions of {stats.images} images ({args.method}): "
+          f"{stats.tokens} tokens in {stats.seconds:.1f}s = {stats.tokens_per_second:.0f} tokens/s")
+    print(f"written to {args.out.resolve()}")
+    return 0

@@ -1,0 +1,234 @@
+"""The model's maths on small hand-checked cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from blip_core.config import DEC_TOKEN_ID, ENC_TOKEN_ID, model_preset
+from blip_core.losses import (
+    IGNORE_INDEX,
+    ItcLoss,
+    LmLoss,
+    SoftCrossEntropy,
+    lm_labels,
+    positive_mask,
+    sample_hard_negatives,
+    soft_targets,
+)
+from blip_core.model import BlipModel, TextBatch, count_parameters
+from blip_core.train import Collator
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from blip_core.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> BlipModel:
+    torch.manual_seed(0)
+    return BlipModel(model_preset("tiny")).eval()
+
+
+def _batch(tokenizer, captions, idx, image_size=64, seed=0) -> TextBatch:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(len(captions), 3, image_size, image_size, generator=g)
+    return Collator(tokenizer, 32, "a picture of ")(list(zip(images, captions, idx, strict=True)))
+
+
+# --- ITC -----------------------------------------------------------------------------------
+
+
+def test_soft_targets_mix_momentum_softmax_and_ground_truth():
+    sim_m = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])
+    pos = torch.tensor([[True, False], [False, True]])
+    # row 0: 0.4 * [.5, .5] + 0.6 * [1, 0]; row 1: 0.4 * [.25, .75] + 0.6 * [0, 1]
+    assert_close(soft_targets(sim_m, pos, 0.4), torch.tensor([[0.8, 0.2], [0.1, 0.9]]))
+    # two positives in a row share the ground-truth mass
+    two = soft_targets(torch.zeros(1, 3), torch.tensor([[True, True, False]]), 0.0)
+    assert_close(two, torch.tensor([[0.5, 0.5, 0.0]]))
+
+
+def test_soft_cross_entropy_by_hand_and_hard_case_equals_cross_entropy():
+    loss = SoftCrossEntropy()(torch.zeros(1, 2), torch.tensor([[0.8, 0.2]]))
+    assert_close(loss, torch.tensor(math.log(2.0)))
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    onehot = F.one_hot(torch.tensor([0, 2]), 3).float()
+    itc = ItcLoss()(logits, logits, onehot, onehot)
+    assert_close(itc, F.cross_entropy(logits, torch.tensor([0, 2])))
+
+
+def test_positive_mask_marks_captions_of_the_same_image():
+    mask = positive_mask(torch.tensor([7, 7, 3]), torch.tensor([7, 3, 7, -100]))
+    assert mask.tolist() == [[True, False, True, False]] * 2 + [[False, True, False, False]]
+
+
+def test_temperature_is_clamped_and_momentum_is_an_ema(tokenizer):
+    torch.manual_seed(0)
+    model = BlipModel(model_preset("tiny"))
+    with torch.no_grad():
+        model.temp.fill_(1.0)
+        model.visual_encoder.cls_token.add_(1.0)  # online and momentum weights now differ
+    online = model.visual_encoder.cls_token.detach().clone()
+    before = model.visual_encoder_m.cls_token.detach().clone()
+    model(_batch(tokenizer, ["a red circle", "a blue square"], [0, 1]), alpha=0.4,
+          losses=("itc",))
+    assert model.temp.item() == pytest.approx(0.5)
+    assert_close(model.visual_encoder_m.cls_token, 0.995 * before + 0.005 * online)
+    assert model.idx_queue[0, :2].tolist() == [0, 1] and int(model.queue_ptr) == 2
+
+
+# --- ITM hard negatives --------------------------------------------------------------------
+
+
+def test_hard_negatives_follow_softmax_and_never_pick_a_positive():
+    sim = torch.tensor([[10.0, 0.0, math.log(3.0), 0.0]]).repeat(20000, 1)
+    pos = torch.tensor([[True, False, False, False]]).repeat(20000, 1)
+    drawn = sample_hard_negatives(sim, pos, torch.Generator().manual_seed(0))
+    freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert freq[0] == 0  # the positive, despite the highest similarity
+    assert_close(freq[1:], torch.tensor([0.2, 0.6, 0.2]), atol=0.015, rtol=0)
+
+
+def test_a_row_without_negatives_gets_minus_one():
+    pos = torch.tensor([[True, True], [False, True]])
+    drawn = sample_hard_negatives(torch.zeros(2, 2), pos)
+    assert drawn.tolist() == [-1, 0]
+
+
+# --- LM ------------------------------------------------------------------------------------
+
+
+def test_label_smoothing_by_hand():
+    # logits [2, 0, 0, 0], target 0, eps 0.1: loss = 0.9 (log Z − 2) + 0.1 (log Z − 0.5)
+    logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 0]])
+    z = math.log(math.exp(2) + 3)
+    assert_close(LmLoss(0.1)(logits, labels), torch.tensor(z - 1.85))
+    assert_close(LmLoss(0.0)(logits, labels), torch.tensor(z - 2.0))
+
+
+def test_prompt_tokens_and_padding_are_not_scored(tokenizer):
+    batch = _batch(tokenizer, ["red circle", "a big blue square on the left"], [0, 1])
+    assert batch.prompt_length == 4  # [CLS] a picture of
+    labels = lm_labels(batch.lm_ids, 0, batch.prompt_length)
+    words = tokenizer.convert_ids_to_tokens(batch.lm_ids[0].tolist())
+    assert words[:7] == ["[CLS]", "a", "picture", "of", "red", "circle", "[SEP]"]
+    assert labels[0].tolist()[:7] == [IGNORE_INDEX] * 4 + batch.lm_ids[0, 4:7].tolist()
+    assert (labels[0, 7:] == IGNORE_INDEX).all()  # padding
+    assert (labels[1] != IGNORE_INDEX).sum() == len(tokenizer("a big blue square on the left")
+                                                     .input_ids) - 1  # words + [SEP]
+
+
+def test_decoder_is_causal_and_encoder_is_bidirectional(tiny, tokenizer):
+    batch = _batch(tokenizer, ["a red circle above a blue square"] * 2, [0, 1])
+    ids = batch.lm_ids.clone()
+    ids[1, 6:] = tokenizer.convert_tokens_to_ids("green")  # change the tail of sample 1
+    image_embeds = tiny.encode_image(batch.images[:1]).repeat(2, 1, 1)
+    with torch.no_grad():
+        dec = tiny.lm_logits(image_embeds, ids, batch.lm_mask)
+        enc, _ = tiny.text_encoder(ids, batch.lm_mask, mode="text")
+    assert_close(dec[0, :6], dec[1, :6])  # positions before the change do not see it
+    assert not torch.allclose(dec[0, 6:], dec[1, 6:])
+    assert not torch.allclose(enc[0, 0], enc[1, 0])  # bidirectional: [CLS] sees the tail
+
+
+def test_kv_cache_decoding_matches_the_full_forward(tiny, tokenizer):
+    batch = _batch(tokenizer, ["a red circle above a blue square"], [0])
+    ids = batch.lm_ids.clone()
+    ids[:, 0] = DEC_TOKEN_ID
+    image_embeds = tiny.encode_image(batch.images)
+    with torch.no_grad():
+        full, _ = tiny.text_encoder(ids, None, image_embeds, mode="decoder")
+        head, cache = tiny.text_encoder(ids[:, :3], None, image_embeds, mode="decoder",
+                                        use_cache=True)
+        steps = [head]
+        for t in range(3, ids.shape[1]):
+            out, cache = tiny.text_encoder(ids[:, t : t + 1], None, None, mode="decoder",
+                                           past_key_values=cache, use_cache=True)
+            steps.append(out)
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# --- sharing and size ----------------------------------------------------------------------
+
+
+def _params_with_grad(model: BlipModel) -> set[int]:
+    return {id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_encoder_and_decoder_share_everything_but_self_attention(tokenizer):
+    torch.manual_seed(0)
+    model = BlipModel(model_preset("tiny")).train()
+    batch = _batch(tokenizer, ["a red circle", "a blue square on the left"], [0, 1])
+    image_embeds = model.encode_image(batch.images).detach()
+
+    model.zero_grad()
+    model.itm_logits(image_embeds, batch.text_ids, batch.text_mask).sum().backward()
+    encoder = _params_with_grad(model)
+    model.zero_grad()
+    model.lm_logits(image_embeds, batch.lm_ids, batch.lm_mask).logsumexp(-1).sum().backward()
+    decoder = _params_with_grad(model)
+
+    text = dict(model.text_encoder.named_parameters())
+    self_attn = {n for n in text if ".self_attn." in n}
+    causal = {n for n in text if ".self_attn_causal." in n}
+    shared = {id(p) for n, p in text.items() if n not in self_attn | causal}
+    assert encoder & decoder == shared  # the same tensor objects, not equal copies
+    assert encoder - decoder == {id(text[n]) for n in self_attn} | {id(model.itm_head.weight),
+                                                                    id(model.itm_head.bias)}
+    lm_head = {id(p) for p in model.lm_head.parameters()}
+    assert decoder - encoder == {id(text[n]) for n in causal} | lm_head
+    assert ENC_TOKEN_ID == 30523 and DEC_TOKEN_ID == 30522
+
+
+def test_base_preset_has_the_papers_252m_parameters():
+    with torch.device("meta"):
+        model = BlipModel(model_preset("base"))
+    n = count_parameters(model)
+    assert abs(n - 252e6) / 252e6 < 0.02, n
+    assert count_parameters(model, include_momentum=True) > 1.9 * n
+
+
+def test_full_forward_backward_gives_all_three_losses(tokenizer):
+    torch.manual_seed(0)
+    model = BlipModel(model_preset("tiny")).train()
+    captions = ["a red circle", "a red circle on the left", "a blue square", "a green triangle"]
+    out = model(_batch(tokenizer, captions, [0, 0, 1, 2]), alpha=0.4)
+    terms = out.terms()
+    assert set(terms) == {"itc", "itm", "lm"}
+    assert_close(out.loss, out.loss_itc + out.loss_itm + out.loss_lm)
+    # ITM at init is ~ a coin flip; LM at init is ~ log(vocab) with smoothing
+    assert terms["itm"] == pytest.approx(math.log(2), abs=0.15)
+    assert terms["lm"] == pytest.approx(math.log(30524), abs=1.0)
+    out.loss.backward()
+    assert model.vision_proj.weight.grad is not None and model.temp.grad is not None
+
+
+def test_lm_loss_on_scored_positions_equals_the_full_logits_loss(tiny, tokenizer):
+    batch = _batch(tokenizer, ["red circle", "a big blue square on the left"], [0, 1])
+    image_embeds = tiny.encode_image(batch.images)
+    with torch.no_grad():
+        full = LmLoss(0.1)(tiny.lm_logits(image_embeds, batch.lm_ids, batch.lm_mask),
+                           lm_labels(batch.lm_ids, 0, batch.prompt_length))
+        fast = tiny._lm(batch, image_embeds)
+    assert_close(fast, full)
+
+
+def test_bf16_autocast_step_runs_and_keeps_fp32_state(tokenizer):
+    torch.manual_seed(0)
+    model = BlipModel(model_preset("tiny")).train()
+    batch = _batch(tokenizer, ["a red circle", "a blue square", "a green star"], [0, 1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch, alpha=0.4)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.image_queue.dtype == torch.float32
+    assert model.idx_queue[0, :3].tolist() == [0, 1, 2]
+    assert model.vision_proj.weight.grad.dtype == torch.float32
