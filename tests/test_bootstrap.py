@@ -1,0 +1,116 @@
+"""The whole lineage without orchestration, on a small world with a few steps per stage.
+
+Quality (bootstrapped beats baseline) needs the full recipe; here the bookkeeping is checked
+against what the world is known to contain.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from blip_core.bootstrap import main
+from blip_core.checkpoint import is_checkpoint
+from blip_core.data.formats import list_shards
+from blip_core.data.ingest import iter_valid
+
+N_WEB, N_HUMAN_TRAIN, CAPTIONS = 120, 40, 5
+
+OVERRIDES = [
+    f"world.n_web={N_WEB}", f"world.n_human_train={N_HUMAN_TRAIN}", "world.n_human_val=8",
+    "world.n_human_test=10", "world.shard_size=50",
+    "pretrain.max_steps=4", "pretrain.batch_size=16", "pretrain.warmup_steps=1",
+    "captioner.max_steps=2", "captioner.batch_size=16", "captioner.warmup_steps=1",
+    "filter.max_steps=2", "filter.batch_size=16", "filter.warmup_steps=1",
+    "capfilt.num_captions=2", "capfilt.batch_size=32", "eval_k=4",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("bootstrap")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["--out", str(out), "--no-progress", *OVERRIDES]) == 0
+    return out, json.loads((out / "report.json").read_text()), buf.getvalue()
+
+
+def test_report_has_the_documented_keys(run):
+    _, report, printed = run
+    metrics = {"tr@1", "tr@5", "ir@1", "ir@5", "bleu4", "cider"}
+    assert set(report["baseline"]) == metrics and set(report["bootstrapped"]) == metrics
+    assert set(report["filter"]) == {"precision", "recall", "threshold"}
+    assert {"web_kept", "web_removed", "synthetic_kept", "synthetic_removed"} <= set(report["corpus"])
+    assert set(report["checkpoints"]) == {"pretrained", "captioner", "filter", "bootstrapped"}
+    for path in report["checkpoints"].values():
+        assert is_checkpoint(path)
+    for value in [*report["baseline"].values(), *report["bootstrapped"].values()]:
+        assert 0.0 <= value <= 1000.0
+    assert 0.0 <= report["filter"]["precision"] <= 1.0 and 0.0 <= report["filter"]["recall"] <= 1.0
+    assert report["seconds"] > 0 and "| tr@1 |" in printed and "report.json" in printed
+
+
+def test_every_web_text_and_synthetic_caption_is_scored_once_and_counted(run):
+    out, report, _ = run
+    c = report["corpus"]
+    assert c["web_kept"] + c["web_removed"] == N_WEB
+    assert c["synthetic_kept"] + c["synthetic_removed"] == 2 * N_WEB  # two captions per image
+    assert c["human"] == N_HUMAN_TRAIN * CAPTIONS
+    scores = [json.loads(line) for line in (out / "corpus" / "scores.jsonl").read_text().splitlines()]
+    assert sum(s["source"] == "web" for s in scores) == N_WEB
+    assert sum(s["kept"] for s in scores) == c["web_kept"] + c["synthetic_kept"]
+    assert all((s["prob"] >= report["filter"]["threshold"]) == s["kept"] for s in scores)
+
+
+def test_corpus_shards_hold_human_pairs_and_exactly_the_kept_texts(run):
+    out, report, _ = run
+    c = report["corpus"]
+    samples = [s for s in iter_valid(list_shards(out / "corpus")) if hasattr(s, "caption")]
+    assert len(samples) == c["human"] + c["web_kept"] + c["synthetic_kept"]
+    by_source: dict[str, int] = {}
+    for s in samples:
+        by_source[s.meta["source"]] = by_source.get(s.meta["source"], 0) + 1
+    assert by_source.get("human", 0) == c["human"]
+    assert by_source.get("web", 0) == c["web_kept"]
+    manifest = json.loads((out / "corpus" / "manifest.json").read_text())
+    removed, kept = c["web_removed"], c["web_kept"]
+    assert manifest["noise_ratio"]["web"] == pytest.approx(removed / (removed + kept))
+    # no val/test human image is in the corpus: only train images were copied
+    test_ids = {e["image_id"] for e in json.loads((out / "human" / "annotations.json").read_text())
+                if e["split"] != "train"}
+    assert not {s.meta["image_id"].split("/", 1)[1] for s in samples
+                if s.meta["source"] == "human"} & test_ids
+
+
+def test_filter_quality_matches_the_stored_truth(run):
+    out, report, _ = run
+    truth = {}
+    for line in (out / "world" / "truth" / "web_truth.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        truth[row["key"]] = row["noisy"]
+    scores = [json.loads(line) for line in (out / "corpus" / "scores.jsonl").read_text().splitlines()]
+    removed = [truth[s["key"]] for s in scores if s["source"] == "web" and not s["kept"]]
+    noisy_total = sum(truth.values())
+    assert noisy_total == round(0.4 * N_WEB)
+    if removed:
+        assert report["filter"]["precision"] == pytest.approx(sum(removed) / len(removed))
+    assert report["filter"]["recall"] == pytest.approx(sum(removed) / noisy_total)
+
+
+def test_a_second_run_skips_every_completed_stage(run):
+    out, report, _ = run
+    import contextlib
+    import io
+
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["--out", str(out), "--no-progress", *OVERRIDES])
+    again = json.loads((out / "report.json").read_text())
+    assert again["baseline"] == report["baseline"] and again["bootstrapped"] == report["bootstrapped"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")} == before
+    assert all(stage.get("skipped") for stage in again["stages"].values())

@@ -1,0 +1,325 @@
+"""Captioning (greedy, nucleus, beam with a KV cache) and the CapFilt filter on known answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from blip_core.config import DEC_TOKEN_ID, SEP_TOKEN_ID, model_preset
+from blip_core.filtering import filter_decisions, itm_probabilities, score_dataset
+from blip_core.generate import (
+    apply_repetition_penalty,
+    generate_captions,
+    generate_token_ids,
+    inference,
+    prompt_token_ids,
+    sample_top_p,
+)
+from blip_core.model import BlipModel
+
+MAX_LEN, MIN_LEN = 12, 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from blip_core.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def _tiny(seed: int = 0) -> BlipModel:
+    torch.manual_seed(seed)
+    return BlipModel(model_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def peaked() -> BlipModel:
+    """A random tiny model made opinionated: sharper next-token distributions, [SEP] likely
+    enough that captions of different images end at different lengths, images that matter."""
+    model = _tiny()
+    with torch.no_grad():
+        model.lm_head.norm.weight.fill_(12.0)
+        model.lm_head.bias[SEP_TOKEN_ID] = 6.0
+        for layer in model.text_encoder.layers:
+            layer.cross_attn.value.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer) -> torch.Tensor:
+    return prompt_token_ids(tokenizer, "a picture of ")
+
+
+def _ids(model, images, prompt, **kw) -> list[list[list[int]]]:
+    with inference(model):
+        embeds = model.encode_image(images)
+        return generate_token_ids(model, embeds, prompt, max_length=MAX_LEN, min_length=MIN_LEN,
+                                  **kw).tokens
+
+
+@contextmanager
+def _count_calls(module: torch.nn.Module, record: list) -> Iterator[list]:
+    handle = module.register_forward_hook(lambda m, args, out: record.append(tuple(args[0].shape)))
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def _reference_greedy(model, images, prompt, penalty: float = 1.0) -> list[list[int]]:
+    """Argmax decoding without a cache: the whole prefix is run again at every step."""
+    out = []
+    with torch.no_grad():
+        embeds = model.encode_image(images)
+        for b in range(images.shape[0]):
+            seq = prompt[None].clone()
+            generated: list[int] = []
+            for t in range(MAX_LEN):
+                logits = model.lm_logits(embeds[b : b + 1], seq, torch.ones_like(seq))[0, -1:]
+                logits = apply_repetition_penalty(logits, seq, penalty)[0]
+                if t < MIN_LEN:
+                    logits[SEP_TOKEN_ID] = float("-inf")
+                token = int(logits.argmax())
+                generated.append(token)
+                if token == SEP_TOKEN_ID:
+                    break
+                seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+            out.append(generated)
+    return out
+
+
+def _normalised_logprob(model, image_embeds, prompt, tokens: list[int]) -> float:
+    """Teacher-forced sum of log p(token) / number of tokens (beam search's objective)."""
+    seq = torch.cat([prompt, torch.tensor(tokens[:-1], dtype=torch.long)])[None]
+    with torch.no_grad():
+        logits = model.lm_logits(image_embeds, seq, torch.ones_like(seq))
+    logp = logits[0, len(prompt) - 1 :].log_softmax(-1)  # predictions of the generated tokens
+    return float(logp.gather(1, torch.tensor(tokens)[:, None]).sum()) / len(tokens)
+
+
+# --- building blocks -----------------------------------------------------------------------
+
+
+def test_prompt_is_dec_then_words_without_sep(tokenizer):
+    assert prompt_token_ids(tokenizer, "a picture of ").tolist() == [DEC_TOKEN_ID, 1037, 3861, 1997]
+    assert prompt_token_ids(tokenizer, "").tolist() == [DEC_TOKEN_ID]
+
+
+def test_repetition_penalty_as_hf_defines_it():
+    scores = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = apply_repetition_penalty(scores, torch.tensor([[0, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]  # seen: positive halved, negative doubled
+
+
+def _frequencies(logits: torch.Tensor, top_p: float, n: int = 20000) -> torch.Tensor:
+    draws = sample_top_p(logits.expand(n, -1), top_p, torch.Generator().manual_seed(0))
+    return torch.bincount(draws, minlength=logits.shape[-1]).float() / n
+
+
+def test_nucleus_samples_from_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.5, 0.05, 0.3, 0.15]]).log()
+    assert_close(_frequencies(logits, 0.75), torch.tensor([0.625, 0, 0.375, 0]), atol=0.015, rtol=0)
+    assert_close(_frequencies(logits, 0.9), torch.tensor([0.5, 0, 0.3, 0.15]) / 0.95,
+                 atol=0.015, rtol=0)
+    assert _frequencies(logits, 1e-9).tolist() == [1.0, 0.0, 0.0, 0.0]  # never empty
+
+
+def test_nucleus_wider_than_the_first_candidates():
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0)) * 0.3  # flat-ish
+    ordered = logits[0].softmax(-1).sort(descending=True)
+    nucleus = ordered.indices[ordered.values.cumsum(0) - ordered.values < 0.5]
+    assert len(nucleus) > 64  # more than the first topk holds
+    seen = set(torch.nonzero(_frequencies(logits, 0.5))[:, 0].tolist())
+    assert seen <= set(nucleus.tolist()) and len(seen) > 0.9 * len(nucleus)
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def test_greedy_with_kv_cache_equals_recomputing_the_prefix(peaked, images, prompt):
+    cached = [caps[0] for caps in _ids(peaked, images, prompt, method="greedy")]
+    reference = _reference_greedy(peaked, images, prompt)
+    assert cached == reference
+    lengths = {len(c) for c in cached}
+    assert len(lengths) > 1  # rows finished at different steps: the cache was pruned mid-way
+    assert any(c[-1] == SEP_TOKEN_ID for c in cached) and MAX_LEN in lengths
+
+
+def test_repetition_penalty_reaches_greedy_decoding(peaked, images, prompt):
+    cached = _ids(peaked, images[:3], prompt, method="greedy", repetition_penalty=1.5)
+    assert [c[0] for c in cached] == _reference_greedy(peaked, images[:3], prompt, penalty=1.5)
+
+
+@pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
+def test_image_encoded_once_prompt_fed_once_then_one_token_per_step(
+    peaked, tokenizer, images, method
+):
+    vit, text, cross_key = [], [], []
+    with (_count_calls(peaked.visual_encoder.patch_embed, vit),
+          _count_calls(peaked.text_encoder.embeddings, text),
+          _count_calls(peaked.text_encoder.layers[0].cross_attn.key, cross_key)):
+        generate_captions(peaked, tokenizer, images[:4], method=method, num_captions=2,
+                          max_length=MAX_LEN, min_length=MIN_LEN,
+                          generator=torch.Generator().manual_seed(0))
+    assert len(vit) == 1 and vit[0][0] == 4  # one ViT forward for the batch
+    assert len(cross_key) == 1  # image keys/values computed once, then read from the cache
+    assert text[0] == (4, 4)  # [DEC] a picture of, once per image
+    assert all(shape[1] == 1 for shape in text[1:]) and 1 < len(text) <= MAX_LEN
+    rows = 4 * (3 if method == "beam" else 2)  # beams or captions per image
+    assert all(shape[0] <= rows for shape in text[1:])
+
+
+@pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
+def test_min_and_max_length_are_respected(method, images, prompt):
+    model = _tiny()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.bias[SEP_TOKEN_ID] = 100.0  # [SEP] wins whenever it is allowed
+    eager = _ids(model, images[:2], prompt, method=method, generator=g)
+    assert all(ids == ids[:MIN_LEN] + [SEP_TOKEN_ID] and SEP_TOKEN_ID not in ids[:MIN_LEN]
+               for caps in eager for ids in caps)
+    with torch.no_grad():
+        model.lm_head.bias[SEP_TOKEN_ID] = -100.0  # [SEP] never wins
+    endless = _ids(model, images[:2], prompt, method=method, generator=g)
+    assert all(len(ids) == MAX_LEN and SEP_TOKEN_ID not in ids for caps in endless for ids in caps)
+
+
+def test_beam_search_with_one_beam_is_greedy(peaked, images, prompt):
+    assert _ids(peaked, images, prompt, method="beam", num_beams=1) == \
+        _ids(peaked, images, prompt, method="greedy")
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(peaked, images, prompt):
+    with inference(peaked):
+        embeds = peaked.encode_image(images)
+        beam = generate_token_ids(peaked, embeds, prompt, method="beam", num_beams=3,
+                                  num_captions=3, max_length=MAX_LEN, min_length=MIN_LEN)
+    greedy = _ids(peaked, images, prompt, method="greedy")
+    better = 0
+    for b in range(images.shape[0]):
+        # the reported scores are the model's length-normalised log-probabilities, best first
+        recomputed = [_normalised_logprob(peaked, embeds[b : b + 1], prompt, ids)
+                      for ids in beam.tokens[b]]
+        assert_close(torch.tensor(beam.scores[b]), torch.tensor(recomputed), atol=1e-4, rtol=0)
+        assert beam.scores[b] == sorted(beam.scores[b], reverse=True)
+        assert len({tuple(ids) for ids in beam.tokens[b]}) == 3
+        greedy_score = _normalised_logprob(peaked, embeds[b : b + 1], prompt, greedy[b][0])
+        assert beam.scores[b][0] >= greedy_score - 1e-5
+        better += beam.scores[b][0] > greedy_score + 1e-3
+    assert better >= 2  # and on several images strictly better
+
+
+def test_nucleus_with_a_tiny_top_p_is_greedy(peaked, images, prompt):
+    g = torch.Generator().manual_seed(0)
+    sampled = _ids(peaked, images, prompt, method="nucleus", top_p=1e-6, generator=g)
+    assert sampled == _ids(peaked, images, prompt, method="greedy", repetition_penalty=1.1)
+
+
+def test_nucleus_gives_several_different_reproducible_captions(peaked, tokenizer, images):
+    def run(seed: int) -> list[list[str]]:
+        return generate_captions(peaked, tokenizer, images[:2], method="nucleus", num_captions=4,
+                                 max_length=MAX_LEN, min_length=MIN_LEN,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    captions = run(0)
+    assert [len(c) for c in captions] == [4, 4]
+    assert all(len(set(caps)) > 1 for caps in captions)
+    assert run(0) == captions and run(1) != captions
+
+
+def test_captions_are_decoded_without_the_prompt(tokenizer, images):
+    model = _tiny()
+    red = tokenizer.convert_tokens_to_ids("red")
+    with torch.no_grad():
+        model.lm_head.bias[red] = 100.0
+    captions = generate_captions(model, tokenizer, images[:2], method="greedy", max_length=5,
+                                 min_length=0, prompt="A Picture of ")
+    assert captions == [["red red red red red"]] * 2
+    assert model.training is False
+
+
+# --- the filter ----------------------------------------------------------------------------
+
+
+def test_itm_probabilities_encode_each_image_once_and_match_pairwise(tokenizer, images):
+    from blip_core.filtering import tokenize_texts
+
+    model = _tiny()
+    texts = [["a red circle", "Click here!", "a blue square on the left"], [], ["a green star"]]
+    vit: list = []
+    with _count_calls(model.visual_encoder.patch_embed, vit):
+        probs = itm_probabilities(model, tokenizer, images[:3], texts)
+    assert vit == [(2, 3, 64, 64)]  # the two images with texts, in one forward
+    assert [p.shape[0] for p in probs] == [3, 0, 1]
+    with torch.no_grad():
+        for b, group in enumerate(texts):
+            for j, text in enumerate(group):
+                ids, mask = tokenize_texts(tokenizer, [text], model.cfg.max_text_len)
+                logits = model.itm_logits(model.encode_image(images[b : b + 1]), ids, mask)
+                assert_close(probs[b][j], logits.softmax(-1)[0, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_filter_decisions_mark_low_probabilities_noisy():
+    keep = filter_decisions([0.2, 0.5, 0.7, 0.49], threshold=0.5)
+    assert keep.tolist() == [False, True, True, False]
+    assert filter_decisions(torch.tensor([0.3]), threshold=0.25).tolist() == [True]
+
+
+def test_score_dataset_scores_the_texts_of_each_key(tokenizer, images):
+    model = _tiny()
+    dataset = [(images[i], f"k{i}") for i in range(5)]
+    texts = {"k0": ["a red circle"], "k3": ["a star", "click here"], "nope": ["x"]}
+    scores = score_dataset(model, tokenizer, dataset, texts, batch_size=2, progress=False)
+    assert set(scores) == {"k0", "k3"} and len(scores["k3"]) == 2
+    direct = itm_probabilities(model, tokenizer, images[3:4], [texts["k3"]])[0]
+    assert_close(torch.tensor(scores["k3"]), direct, atol=1e-5, rtol=1e-5)
+
+
+# --- command lines -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    from blip_core.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", _tiny(), tokenizer, meta={})
+
+
+def test_caption_and_filter_commands(tiny_world, checkpoint, tmp_path, capsys):
+    from blip_core import filtering, generate
+    from blip_core.data.dataset import ImageOnlyDataset
+
+    shard = tiny_world / "web" / "00000.tar"
+    captions = tmp_path / "captions.jsonl"
+    assert generate.main(["--checkpoint", str(checkpoint), "--data", str(shard), "--out",
+                          str(captions), "--method", "beam", "--num-beams", "2",
+                          "--num-captions", "2", "--max-length", "6",
+                          "--min-length", "2", "--batch-size", "16", "--no-progress"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    keys = ImageOnlyDataset(shard).keys
+    lines = [json.loads(line) for line in captions.read_text().splitlines()]
+    assert [r["key"] for r in lines] == keys
+    assert all(len(r["captions"]) == 2 and all(isinstance(c, str) for c in r["captions"])
+               for r in lines)
+
+    scores = tmp_path / "scores.jsonl"
+    assert filtering.main(["--checkpoint", str(checkpoint), "--data", str(shard), "--texts",
+                           str(captions), "--out", str(scores), "--threshold", "0.5",
+                           "--no-progress"]) == 0
+    assert "pairs/s" in capsys.readouterr().out
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert [r["key"] for r in rows] == keys
+    for row, cap in zip(rows, lines, strict=True):
+        assert row["origin"] == ["own", "extra", "extra"] and row["texts"][1:] == cap["captions"]
+        assert row["keep"] == [p >= 0.5 for p in row["itm"]]
+        assert all(0.0 <= p <= 1.0 for p in row["itm"])
