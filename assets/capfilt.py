@@ -1,0 +1,181 @@
+"""CapFilt: synthetic captions for the web images, then the filtered, bootstrapped corpus."""
+
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from assets.common import (
+    GROUP,
+    IO_MANAGER_KEY,
+    LANDING_TRUTH,
+    Tools,
+    bar_plot,
+    code_version,
+    dataset_metadata,
+    identity,
+    md_table,
+    publish,
+    read_json,
+    reusable,
+    staging,
+    stopwatch,
+)
+from assets.models import RECIPE
+from blip_core.capfilt import CapfiltConfig
+from orchestration.dvc_resource import DVC_POOL, DvcResource
+from orchestration.storage import Dataset, StorageResource
+
+_CAPFILT = RECIPE.capfilt
+
+
+class CaptionSettings(Config):
+    """How synthetic captions are generated (defaults: the recipe's)."""
+
+    method: str = Field(default=_CAPFILT.method, description="nucleus, beam or greedy")
+    top_p: float = Field(default=_CAPFILT.top_p, description="nucleus sampling mass")
+    num_beams: int = Field(default=_CAPFILT.num_beams, description="beam search width")
+    num_captions: int = Field(default=_CAPFILT.num_captions, description="captions per web image")
+    max_length: int = Field(default=_CAPFILT.max_length, description="generated tokens at most")
+    min_length: int = Field(default=_CAPFILT.min_length, description="generated tokens at least")
+    batch_size: int = Field(default=_CAPFILT.batch_size, description="images per forward")
+    seed: int = Field(default=RECIPE.seed, description="seeds nucleus sampling")
+    device: str = Field(default=RECIPE.device, description="cpu or cuda")
+
+    def to_capfilt(self) -> CapfiltConfig:
+        """The blip_core configuration."""
+        return CapfiltConfig(method=self.method, top_p=self.top_p, num_beams=self.num_beams,  # type: ignore[arg-type]
+                             num_captions=self.num_captions, max_length=self.max_length,
+                             min_length=self.min_length, batch_size=self.batch_size, seed=self.seed,
+                             device=self.device)
+
+
+class CorpusSettings(Config):
+    """How texts are filtered into the bootstrapped corpus (defaults: the recipe's)."""
+
+    threshold: float = Field(default=_CAPFILT.threshold,
+                             description="a text is noisy when its ITM match probability is below this")
+    batch_size: int = Field(default=_CAPFILT.batch_size, description="images per forward")
+    shard_size: int = Field(default=_CAPFILT.shard_size, description="samples per corpus shard")
+    device: str = Field(default=RECIPE.device, description="cpu or cuda")
+
+    def to_capfilt(self) -> CapfiltConfig:
+        """The blip_core configuration."""
+        return CapfiltConfig(threshold=self.threshold, batch_size=self.batch_size,
+                             shard_size=self.shard_size, device=self.device)
+
+
+def _web_dirs(stack: ExitStack, storage: StorageResource, web_shards: dict[str, Dataset]) -> list[str]:
+    return [str(stack.enter_context(storage.local_dir(ds.key))) for _, ds in sorted(web_shards.items())]
+
+
+@asset(group_name=GROUP, pool=DVC_POOL, io_manager_key=IO_MANAGER_KEY, code_version=code_version("1"),
+       kinds={"pytorch"}, description="Synthetic captions of every web image, sampled from the captioner.")
+def synthetic_captions(context: AssetExecutionContext, config: CaptionSettings, storage: StorageResource,
+                       dvc: DvcResource, captioner: Dataset,
+                       web_shards: dict[str, Dataset]) -> MaterializeResult[Dataset]:
+    """Caption the web images (nucleus sampling by default)."""
+    from assets.checks import WEB_CHECKS, require_passed_checks
+    from blip_core.capfilt import caption_web, read_synthetic
+
+    require_passed_checks(context, "web_shards", WEB_CHECKS, sorted(web_shards))
+    ident = identity(context, config, {"captioner": captioner, **_web_inputs(web_shards)})
+    with ExitStack() as stack, stopwatch() as t:
+        ds = reusable(context, storage, "synthetic_captions", ident)
+        reused = ds is not None
+        if ds is None:
+            model = stack.enter_context(storage.local_dir(captioner.key))
+            web = _web_dirs(stack, storage, web_shards)
+            tmp = stack.enter_context(staging(storage))
+            caption_web([str(model)], web, tmp / "out", config.to_capfilt(), progress=False)
+            ds = publish(storage, "synthetic_captions", tmp / "out", identity=ident)
+        versioned = Tools(storage, dvc=dvc).dvc_metadata(ds, reused=reused)
+        folder = stack.enter_context(storage.local_dir(ds.key))
+        manifest = read_json(folder / "manifest.json")
+        examples = list(read_synthetic(folder).items())[:8]
+    rows = [{"key": k, "caption": " / ".join(c)} for k, c in examples]
+    return MaterializeResult(value=ds, data_version=DataVersion(ds.version), metadata={
+        **dataset_metadata(ds, t["seconds"]),
+        "images": MetadataValue.int(manifest["images"]),
+        "captions": MetadataValue.int(manifest["captions"]),
+        "dagster/row_count": MetadataValue.int(manifest["captions"]),
+        "generation_seconds": MetadataValue.float(float(manifest["seconds"])),
+        "tokens_per_second": MetadataValue.float(float(manifest["tokens_per_second"])),
+        "method": config.method,
+        "examples": MetadataValue.md(md_table(rows)),
+        "reused": MetadataValue.bool(reused),
+        **versioned,
+    })
+
+
+@asset(group_name=GROUP, pool=DVC_POOL, io_manager_key=IO_MANAGER_KEY, code_version=code_version("1"),
+       kinds={"pytorch", "webdataset"},
+       description="Human train pairs + web texts kept by the filter + synthetic captions kept by it.")
+def bootstrapped_corpus(context: AssetExecutionContext, config: CorpusSettings, storage: StorageResource,
+                        dvc: DvcResource, filter: Dataset, web_shards: dict[str, Dataset],
+                        synthetic_captions: Dataset, human_pairs: Dataset) -> MaterializeResult[Dataset]:
+    """Score every web text and synthetic caption with the filter and keep those that match."""
+    from assets.checks import WEB_CHECKS, require_passed_checks
+    from blip_core.capfilt import build_corpus
+
+    require_passed_checks(context, "web_shards", WEB_CHECKS, sorted(web_shards))
+    inputs = {"filter": filter, "synthetic_captions": synthetic_captions, "human_pairs": human_pairs,
+              **_web_inputs(web_shards)}
+    ident = identity(context, config, inputs)
+    with ExitStack() as stack, stopwatch() as t:
+        ds = reusable(context, storage, "bootstrapped_corpus", ident)
+        reused = ds is not None
+        if ds is None:
+            model = stack.enter_context(storage.local_dir(filter.key))
+            web = _web_dirs(stack, storage, web_shards)
+            synthetic = stack.enter_context(storage.local_dir(synthetic_captions.key))
+            human = stack.enter_context(storage.local_dir(human_pairs.key))
+            tmp = stack.enter_context(staging(storage))
+            build_corpus([str(model)], web, synthetic, human / "annotations.json", tmp / "out",
+                         config.to_capfilt(), progress=False)
+            ds = publish(storage, "bootstrapped_corpus", tmp / "out", identity=ident)
+        versioned = Tools(storage, dvc=dvc).dvc_metadata(ds, reused=reused)
+        folder = stack.enter_context(storage.local_dir(ds.key))
+        manifest = read_json(folder / "manifest.json")
+        quality = measure_filter(storage, folder)
+    counts, noise = manifest["counts"], manifest["noise_ratio"]
+    per_source = [{"source": s, "kept": counts[f"{s}_kept"], "removed": counts[f"{s}_removed"],
+                   "noise_ratio": round(noise[s], 4)} for s in ("web", "synthetic")]
+    per_source.append({"source": "human", "kept": counts["human"], "removed": 0, "noise_ratio": 0.0})
+    metadata: dict[str, Any] = {
+        **dataset_metadata(ds, t["seconds"]),
+        "samples": MetadataValue.int(manifest["total"]),
+        "dagster/row_count": MetadataValue.int(manifest["total"]),
+        "threshold": MetadataValue.float(float(manifest["threshold"])),
+        "web_noise_ratio": MetadataValue.float(round(noise["web"], 4)),
+        "synthetic_noise_ratio": MetadataValue.float(round(noise["synthetic"], 4)),
+        "counts": MetadataValue.json(counts),
+        "kept_removed_per_source": MetadataValue.md(md_table(per_source)),
+        "noise_ratios": MetadataValue.md(bar_plot(
+            {"web": noise["web"], "synthetic": noise["synthetic"]},
+            "texts removed by the filter", "share removed", ylim=(0.0, 1.0))),
+        "reused": MetadataValue.bool(reused),
+        **versioned,
+    }
+    if quality is not None:
+        metadata["filter_precision"] = MetadataValue.float(round(quality["precision"], 4))
+        metadata["filter_recall"] = MetadataValue.float(round(quality["recall"], 4))
+    return MaterializeResult(value=ds, data_version=DataVersion(ds.version), metadata=metadata)
+
+
+def _web_inputs(web_shards: dict[str, Dataset]) -> dict[str, Dataset]:
+    return {f"web_shards[{pk}]": ds for pk, ds in web_shards.items()}
+
+
+def measure_filter(storage: StorageResource, corpus: Path) -> dict[str, float] | None:
+    """Filter precision/recall on web texts against the landing area's truth (shapes world only)."""
+    from blip_core.capfilt import filter_quality
+
+    if "web_truth.jsonl" not in storage.list_files(LANDING_TRUTH, suffix=".jsonl"):
+        return None
+    with storage.local_file(f"{LANDING_TRUTH}/web_truth.jsonl") as truth:
+        return filter_quality(corpus, truth)
+

@@ -1,0 +1,121 @@
+"""Incoming data: validated web shards (one partition per landed shard) and the human pairs."""
+
+
+
+from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from assets.common import (
+    GROUP,
+    IO_MANAGER_KEY,
+    LANDING_HUMAN,
+    LANDING_WEB,
+    Tools,
+    bar_plot,
+    code_version,
+    dataset_metadata,
+    md_table,
+    publish,
+    read_json,
+    staging,
+    stopwatch,
+    web_shard_partitions,
+)
+from blip_core.data.ingest import IngestConfig
+from orchestration.dvc_resource import DVC_POOL, DvcResource
+from orchestration.storage import Dataset, StorageResource
+
+
+class IngestSettings(Config):
+    """Per-sample limits of ``blip_core.data.ingest.IngestConfig`` (defaults: the same)."""
+
+    max_caption_chars: int = Field(default=1000, description="longer captions are quarantined")
+    min_side: int = Field(default=8, description="images with a shorter side are quarantined")
+    max_pixels: int = Field(default=40_000_000, description="larger images are quarantined")
+
+    def to_ingest_config(self) -> IngestConfig:
+        return IngestConfig(max_caption_chars=self.max_caption_chars, min_side=self.min_side,
+                            max_pixels=self.max_pixels)
+
+
+def _reason_metadata(stats: dict) -> dict:
+    rows = [{"reason": r, "samples": n} for r, n in stats.get("by_reason", {}).items()]
+    return {"quarantined_by_reason": MetadataValue.md(md_table(rows) if rows else "_none_")}
+
+
+@asset(
+    group_name=GROUP,
+    pool=DVC_POOL,
+    partitions_def=web_shard_partitions,
+    io_manager_key=IO_MANAGER_KEY,
+    code_version=code_version("1"),
+    kinds={"python", "webdataset"},
+    description="One landed web shard, validated: good pairs re-written, bad ones quarantined.",
+)
+def web_shards(context: AssetExecutionContext, config: IngestSettings, storage: StorageResource,
+               dvc: DvcResource) -> MaterializeResult[Dataset]:
+    """Ingest the landing area's shard named by the partition key."""
+    from blip_core.data.ingest import ingest
+
+    shard = context.partition_key
+    with stopwatch() as t, storage.local_file(f"{LANDING_WEB}/{shard}") as src, staging(storage) as tmp:
+        stats = ingest(src, tmp / "out", config.to_ingest_config()).to_json()
+        ds = publish(storage, "web_shards", tmp / "out", partition=shard)
+        versioned = Tools(storage, dvc=dvc).dvc_metadata(ds)
+    total = stats["kept"] + stats["quarantined"]
+    ratio = stats["quarantined"] / total if total else 0.0
+    return MaterializeResult(value=ds, data_version=DataVersion(ds.version), metadata={
+        **dataset_metadata(ds, t["seconds"]),
+        "source": storage.uri(f"{LANDING_WEB}/{shard}"),
+        "kept": MetadataValue.int(stats["kept"]),
+        "quarantined": MetadataValue.int(stats["quarantined"]),
+        "quarantine_ratio": MetadataValue.float(round(ratio, 4)),
+        "dagster/row_count": MetadataValue.int(stats["kept"]),
+        **_reason_metadata(stats),
+        **versioned,
+    })
+
+
+@asset(
+    group_name=GROUP,
+    pool=DVC_POOL,
+    io_manager_key=IO_MANAGER_KEY,
+    code_version=code_version("1"),
+    kinds={"python", "json"},
+    description="Human-annotated pairs (COCO Karpathy splits), validated; bad images quarantined.",
+)
+def human_pairs(context: AssetExecutionContext, config: IngestSettings, storage: StorageResource,
+                dvc: DvcResource) -> MaterializeResult[Dataset]:
+    """Ingest the landing area's ``annotations.json`` and its images."""
+    from blip_core.data.ingest import ingest_human
+
+    with stopwatch() as t, storage.local_dir(LANDING_HUMAN, complete_only=False) as src, \
+            staging(storage) as tmp:
+        stats = ingest_human(src / "annotations.json", src, tmp / "out",
+                             config.to_ingest_config()).to_json()
+        images = read_json(tmp / "out" / "annotations.json")
+        ds = publish(storage, "human_pairs", tmp / "out")
+        versioned = Tools(storage, dvc=dvc).dvc_metadata(ds)
+    per_split = {s: sum(im["split"] == s for im in images) for s in ("train", "val", "test")}
+    captions = {s: sum(len(im["caption"]) for im in images if im["split"] == s) for s in per_split}
+    context.log.info(f"human pairs: {per_split} images, {sum(captions.values())} captions")
+    return MaterializeResult(value=ds, data_version=DataVersion(ds.version), metadata={
+        **dataset_metadata(ds, t["seconds"]),
+        "source": storage.uri(LANDING_HUMAN),
+        "images": MetadataValue.int(stats["kept"]),
+        "captions": MetadataValue.int(sum(captions.values())),
+        "images_per_split": MetadataValue.json(per_split),
+        "captions_per_split": MetadataValue.json(captions),
+        "quarantined": MetadataValue.int(stats["quarantined"]),
+        "captions_dropped": MetadataValue.json(stats.get("captions_dropped", {})),
+        "dagster/row_count": MetadataValue.int(stats["kept"]),
+        "splits": MetadataValue.md(bar_plot({k: float(v) for k, v in per_split.items()},
+                                            "images per split", "images")),
+        **_reason_metadata(stats),
+        **versioned,
+    })
+
+
+def landed_shards(storage: StorageResource) -> list[str]:
+    """Names of the shards in the landing area (the partition keys web_shards can have)."""
+    return storage.list_files(LANDING_WEB, suffix=".tar")

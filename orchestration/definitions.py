@@ -1,0 +1,104 @@
+"""The Dagster definitions: ``defs`` (DESIGN.md section 7), loaded by ``dagster dev`` and the main command.
+
+Resources are chosen per deployment through the environment:
+
+- storage (``orchestration.storage.storage_from_env``): the local ``data/`` folder by default
+  (``BLIP_OPS_DATA``), S3 with ``BLIP_OPS_STORAGE=s3`` (``BLIP_OPS_S3_BUCKET``, ``BLIP_OPS_S3_PREFIX``,
+  ``AWS_ENDPOINT_URL``; credentials from the standard AWS chain only);
+- MLflow: the embedded SQLite store under the data folder, or ``MLFLOW_TRACKING_URI``;
+- DVC: the data folder is the DVC repository; its remote is ``DATA/dvc-remote`` locally, or
+  ``s3://BUCKET/PREFIX/dvc-remote`` with S3 storage (``BLIP_OPS_DVC_REMOTE`` overrides);
+- launcher: in-process training by default; ``BLIP_OPS_LAUNCHER=subprocess`` (Dagster Pipes,
+  ``torchrun`` with ``BLIP_OPS_NPROC`` > 1) or ``k8s`` (``BLIP_OPS_K8S_IMAGE``, ``BLIP_OPS_K8S_GPUS``;
+  needs S3 storage).
+
+Extend the deployment through :data:`resources`, :data:`jobs`, :data:`schedules` and
+:data:`sensors`.
+"""
+
+import os
+from typing import Any
+
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+
+from assets import ALL_ASSETS, ALL_CHECKS
+from assets.common import IO_MANAGER_KEY
+from orchestration.dvc_resource import DvcResource
+from orchestration.launcher import K8sLauncher, LocalLauncher, TrainingLauncher
+from orchestration.mlflow_resource import MlflowResource
+from orchestration.promotion import registered_model
+from orchestration.schedules import retrain_schedule
+from orchestration.sensors import landing_sensor
+from orchestration.storage import DatasetIOManager, S3Storage, StorageResource, storage_from_env
+
+
+def launcher_from_env() -> TrainingLauncher:
+    """The training launcher a deployment asks for (``BLIP_OPS_LAUNCHER``, default in-process)."""
+    kind = os.environ.get("BLIP_OPS_LAUNCHER", "inprocess").lower()
+    if kind == "k8s":
+        image = os.environ.get("BLIP_OPS_K8S_IMAGE")
+        if not image:
+            raise ValueError("BLIP_OPS_LAUNCHER=k8s needs BLIP_OPS_K8S_IMAGE (the training image)")
+        return K8sLauncher(image=image, gpus=int(os.environ.get("BLIP_OPS_K8S_GPUS", "1")),
+                           namespace=os.environ.get("BLIP_OPS_K8S_NAMESPACE", "blip"),
+                           s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL", ""),
+                           aws_secret=os.environ.get("BLIP_OPS_K8S_AWS_SECRET", ""))
+    if kind == "subprocess":
+        return LocalLauncher(mode="subprocess", nproc_per_node=int(os.environ.get("BLIP_OPS_NPROC", "1")))
+    return LocalLauncher()
+
+
+def build_resources(storage: StorageResource, data_dir: str,
+                    launcher: TrainingLauncher | None = None, dvc_push: bool = True) -> dict[str, Any]:
+    """Every resource the assets need, over one storage and one data folder.
+
+    Args:
+        storage: Where datasets live.
+        data_dir: Local data folder: DVC repository, embedded MLflow store.
+        launcher: How training runs (default: :func:`launcher_from_env`).
+        dvc_push: Push versioned datasets to the DVC remote.
+    """
+    remote = os.environ.get("BLIP_OPS_DVC_REMOTE", "")
+    if not remote and isinstance(storage, S3Storage):
+        remote = storage.uri("dvc-remote")
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "") \
+        if isinstance(storage, S3Storage) else ""
+    return {
+        "storage": storage,
+        IO_MANAGER_KEY: DatasetIOManager(storage=storage),
+        "mlflow": MlflowResource(data_dir=data_dir),
+        "dvc": DvcResource(repo_dir=data_dir, remote_url=remote, endpoint_url=endpoint or "", push=dvc_push),
+        "launcher": launcher or launcher_from_env(),
+    }
+
+
+storage = storage_from_env()
+resources: dict[str, Any] = build_resources(storage, os.environ.get("BLIP_OPS_DATA", "data"))
+
+web_shards_job = define_asset_job(
+    "web_shards_job",
+    selection=AssetSelection.assets("web_shards"),  # with its checks; one run per partition
+    description="Validate one landed web shard (run per partition; the landing sensor starts it).",
+)
+bootstrap_job = define_asset_job(
+    "bootstrap_job",
+    selection=AssetSelection.all() - AssetSelection.assets("web_shards"),
+    description="Everything downstream of the web shards: pre-train, CapFilt, re-train, evaluate, "
+                "promote.",
+)
+
+assets: list[Any] = [*ALL_ASSETS, registered_model]
+asset_checks: list[Any] = list(ALL_CHECKS)
+jobs: list[Any] = [web_shards_job, bootstrap_job]
+schedules: list[Any] = [retrain_schedule]
+sensors: list[Any] = [landing_sensor]
+
+defs = Definitions(
+    assets=assets,
+    asset_checks=asset_checks,
+    jobs=jobs,
+    schedules=schedules,
+    sensors=sensors,
+    resources=resources,
+    executor=in_process_executor,  # one process per run: 2-core machines train one model at a time
+)

@@ -1,0 +1,281 @@
+"""The main command: materialize the whole lineage and print a summary.
+
+``python -m orchestration.main --data DIR [--preset tiny]``
+
+1. lands the embedded shapes world in ``DIR/landing`` unless shards are already there;
+2. adds one ``web_shards`` partition per landed shard;
+3. materializes, in-process, each new shard (with its blocking checks), then everything
+   downstream in one run, on the Dagster instance in ``DIR/dagster_home`` — the one the UI
+   (``python -m orchestration.ui --data DIR``) opens, so the runs, metadata and plots are there;
+4. prints baseline vs bootstrapped metrics, noise ratios, filter precision/recall and where
+   the artefacts are.
+
+Assets already made from the same code, config and inputs are reused, so a second run is fast.
+"""
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import orchestration  # noqa: F401  (telemetry off first)
+from orchestration.storage import StorageResource
+
+TRAINING_ASSETS = ("pretrained_med", "captioner", "filter", "bootstrapped_med")
+DAGSTER_YAML = """\
+# Written by orchestration.main / orchestration.ui: the instance the main command and the UI share.
+telemetry:
+  enabled: false
+concurrency:
+  runs:
+    max_concurrent_runs: 1  # 2-core default machine: one training at a time
+  pools:
+    granularity: op
+    default_limit: 1  # the "dvc" (DVC locks its repo) and "mlflow_registry" pools: one op at a time
+"""
+
+
+def prepare_home(data: Path) -> Path:
+    """Creates ``DATA/dagster_home`` with its ``dagster.yaml`` and points ``DAGSTER_HOME`` there."""
+    home = (data / "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["BLIP_OPS_DATA"] = str(data.resolve())
+    return home
+
+
+def land_shapes_world(storage: StorageResource, seed: int | None = None, **world: Any) -> bool:
+    """Generates the embedded shapes world into the landing area unless web shards are there.
+
+    Args:
+        seed: World seed (default: the recipe's).
+        world: ``WorldConfig`` overrides (tests use a tiny world).
+
+    Returns:
+        Whether a world was generated.
+    """
+    import tempfile
+
+    from assets.common import LANDING_WEB
+    from assets.models import RECIPE
+    from blip_core.data.shapes import generate_world
+
+    if storage.list_files(LANDING_WEB, suffix=".tar"):
+        return False
+    cfg = replace(RECIPE.world, seed=RECIPE.seed if seed is None else seed, **world)
+    with tempfile.TemporaryDirectory(dir=storage.scratch_dir("tmp")) as tmp:
+        generate_world(Path(tmp) / "world", cfg)
+        storage.publish_dir(Path(tmp) / "world", "landing", move=True)
+    return True
+
+
+def register_shards(instance: Any, storage: StorageResource) -> list[str]:
+    """Adds a ``web_shards`` partition for every landed shard not yet known; returns the new ones."""
+    from assets.common import web_shard_partitions
+    from assets.data import landed_shards
+
+    known = set(instance.get_dynamic_partitions(web_shard_partitions.name))
+    new = [s for s in landed_shards(storage) if s not in known]
+    if new:
+        instance.add_dynamic_partitions(web_shard_partitions.name, new)
+    return new
+
+
+@dataclass
+class LineageResult:
+    """The runs of one lineage materialization."""
+
+    shard_runs: dict[str, Any] = field(default_factory=dict)  # partition -> ExecuteInProcessResult
+    main_run: Any = None  # ExecuteInProcessResult of everything downstream, None if not started
+
+    @property
+    def success(self) -> bool:
+        runs = [*self.shard_runs.values(), self.main_run]
+        return all(r is not None and r.success for r in runs)
+
+    def check_evaluations(self) -> list[Any]:
+        """Every asset check evaluation of the runs."""
+        runs = [r for r in [*self.shard_runs.values(), self.main_run] if r is not None]
+        return [e for r in runs for e in r.get_asset_check_evaluations()]
+
+
+def split_run_config(run_config: Mapping[str, Any] | None, ops: Sequence[str]) -> dict[str, Any]:
+    """The part of a run config that configures ``ops`` (a run rejects config for other ops)."""
+    all_ops = dict((run_config or {}).get("ops", {}))
+    return {"ops": {k: v for k, v in all_ops.items() if k in ops}}
+
+
+def lineage_definitions(resources: Mapping[str, Any], assets: Sequence[Any] | None = None) -> Any:
+    """``Definitions`` of the lineage's jobs over the given resources (tests pass their own)."""
+    from dagster import Definitions, in_process_executor
+
+    from orchestration import definitions as d
+
+    return Definitions(assets=list(assets if assets is not None else d.assets), asset_checks=d.asset_checks,
+                       jobs=[d.web_shards_job, d.bootstrap_job], resources=dict(resources),
+                       executor=in_process_executor)
+
+
+def materialize_lineage(instance: Any, resources: Mapping[str, Any],
+                        run_config: Mapping[str, Any] | None = None,
+                        partitions: Sequence[str] | None = None, tags: Mapping[str, str] | None = None,
+                        assets: Sequence[Any] | None = None) -> LineageResult:
+    """Materializes the given web shard partitions, then everything downstream.
+
+    Runs ``web_shards_job`` once per partition, then ``bootstrap_job``, in this process, on
+    ``instance``; stops before ``bootstrap_job`` if a shard's run failed (a blocking check
+    included).
+
+    Args:
+        instance: The Dagster instance runs are recorded in.
+        resources: See ``orchestration.definitions.build_resources``.
+        run_config: ``{"ops": {asset_or_check_op: {"config": {...}}}}`` for any of them.
+        partitions: Shards to (re-)materialize; default: those never materialized.
+        tags: Run tags.
+        assets: The assets (default: those of ``orchestration.definitions``).
+    """
+    from assets.common import web_shard_partitions
+
+    defs = lineage_definitions(resources, assets)
+    if partitions is None:
+        done = instance.get_materialized_partitions(_key("web_shards"))
+        partitions = [p for p in instance.get_dynamic_partitions(web_shard_partitions.name)
+                      if p not in done]
+    result = LineageResult()
+    shard_job, main_job = defs.resolve_job_def("web_shards_job"), defs.resolve_job_def("bootstrap_job")
+    for pk in partitions:
+        result.shard_runs[pk] = shard_job.execute_in_process(
+            run_config=split_run_config(run_config, _op_names(shard_job)), instance=instance,
+            partition_key=pk, raise_on_error=False, tags=tags,
+        )
+    if not all(r.success for r in result.shard_runs.values()):
+        return result
+    result.main_run = main_job.execute_in_process(
+        run_config=split_run_config(run_config, _op_names(main_job)), instance=instance,
+        raise_on_error=False, tags=tags,
+    )
+    return result
+
+
+def _key(name: str) -> Any:
+    from dagster import AssetKey
+
+    return AssetKey(name)
+
+
+def _op_names(job: Any) -> list[str]:
+    return [node.name for node in job.graph.nodes]
+
+
+def preset_run_config(preset: str) -> dict[str, Any]:
+    """Run config selecting a model preset for every training asset."""
+    return {"ops": {name: {"config": {"preset": preset}} for name in TRAINING_ASSETS}}
+
+
+def summary(storage: StorageResource, result: LineageResult, seconds: float) -> str:
+    """Baseline vs bootstrapped metrics, noise ratios, filter quality, checks and artefacts."""
+    from assets.checks import checks_table
+    from orchestration.storage import dataset_key
+
+    lines: list[str] = []
+    failed = [e for e in result.check_evaluations() if not e.passed]
+    if storage.exists(dataset_key(["downstream_evals"])) and result.success:
+        report = storage.read_json(f"{dataset_key(['downstream_evals'])}/report.json")
+        lines += ["## baseline vs bootstrapped (human test split)", "",
+                  "| metric | baseline | bootstrapped | delta |", "|---|---:|---:|---:|"]
+        for k in report["baseline"]:
+            a, b = report["baseline"][k], report["bootstrapped"][k]
+            lines.append(f"| {k} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+        noise, counts, filt = report["noise_ratio"], report["corpus"], report["filter"]
+        lines += ["", "## CapFilt",
+                  f"noise ratio (share removed by the filter): web {noise['web']:.3f}, "
+                  f"synthetic {noise['synthetic']:.3f}  (threshold {filt['threshold']})",
+                  f"corpus: human {counts['human']}, web kept {counts['web_kept']} / removed "
+                  f"{counts['web_removed']}, synthetic kept {counts['synthetic_kept']} / removed "
+                  f"{counts['synthetic_removed']}"]
+        if "precision" in filt:
+            lines.append(f"filter vs the world's truth: precision {filt['precision']:.3f}, "
+                         f"recall {filt['recall']:.3f}")
+    registry = _registry_line(result)
+    if registry:
+        lines += ["", "## registry", registry]
+    lines += ["", f"## checks ({len(result.check_evaluations()) - len(failed)} passed, "
+              f"{len(failed)} failed)"]
+    if failed:
+        lines += ["", checks_table(failed)]
+    lines += ["", "## artefacts"]
+    for name in ("human_pairs", "pretrained_med", "captioner", "filter", "synthetic_captions",
+                 "bootstrapped_corpus", "bootstrapped_med", "downstream_evals"):
+        key = dataset_key([name])
+        lines.append(f"- {name}: {storage.uri(key)}{'' if storage.exists(key) else ' (missing)'}")
+    lines.append(f"- web_shards: {storage.uri(dataset_key(['web_shards']))}/<shard>")
+    lines += ["", f"status: {'SUCCESS' if result.success else 'FAILED'} in {seconds:.0f}s",
+              f"Dagster instance: {os.environ.get('DAGSTER_HOME')}"]
+    return "\n".join(lines)
+
+
+def _registry_line(result: LineageResult) -> str:
+    """What the promotion asset decided in this run ("" when it did not run)."""
+    if result.main_run is None:
+        return ""
+    for event in result.main_run.get_asset_materialization_events():
+        if event.asset_key.to_user_string() == "registered_model":
+            meta = {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+            verdict = "promoted to champion" if meta.get("promoted") else "not promoted"
+            return (f"{meta.get('model_name')} v{meta.get('version')} ({meta.get('model_uri')}): {verdict} "
+                    f"- {meta.get('reason')}")
+    return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m orchestration.main --data DIR [--preset tiny] [--config RUN_CONFIG.yaml]``."""
+    p = argparse.ArgumentParser(
+        prog="python -m orchestration.main",
+        description="Materialize the whole BLIP lineage (embedded shapes world by default) on the "
+                    "Dagster instance in DATA/dagster_home and print a summary.",
+    )
+    p.add_argument("--data", type=Path, default=Path("data"), help="data folder (default: data)")
+    p.add_argument("--preset", help="model preset of every training asset (default: the recipe's)")
+    p.add_argument("--config", type=Path, help="Dagster run config YAML ({ops: {asset: {config}}})")
+    p.add_argument("--all-shards", action="store_true",
+                   help="re-materialize every shard, not only new ones")
+    args = p.parse_args(argv)
+
+    start = time.time()
+    prepare_home(args.data)
+    from dagster import DagsterInstance
+
+    from orchestration.definitions import resources, storage
+
+    run_config: dict[str, Any] = {"ops": {}}
+    if args.config:
+        import yaml
+
+        run_config = yaml.safe_load(args.config.read_text()) or {"ops": {}}
+    if args.preset:
+        ops = run_config.setdefault("ops", {})
+        for name, cfg in preset_run_config(args.preset)["ops"].items():
+            ops.setdefault(name, {}).setdefault("config", {}).update(cfg["config"])
+
+    if land_shapes_world(storage):
+        print(f"landed the shapes world in {storage.uri('landing')}", flush=True)
+    with DagsterInstance.get() as instance:
+        new = register_shards(instance, storage)
+        print(f"web shards: {len(new)} new partition(s) {new}", flush=True)
+        partitions = instance.get_dynamic_partitions("web_shards") if args.all_shards else None
+        result = materialize_lineage(instance, resources, run_config, partitions=partitions,
+                                     tags={"blip-ops/entry": "orchestration.main"})
+    print(summary(storage, result, time.time() - start))
+    print(f"\nbrowse it: python -m orchestration.ui --data {args.data}  (http://127.0.0.1:3000)")
+    return 0 if result.success else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

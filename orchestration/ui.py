@@ -1,0 +1,54 @@
+"""Start the Dagster UI on the main command's instance: ``python -m orchestration.ui --data DIR``.
+
+Binds to 127.0.0.1 only. ``DAGSTER_HOME`` is ``DIR/dagster_home`` (the instance the main command
+records its runs in, telemetry off), and the storage resource reads and writes ``DIR``, so what
+``python -m orchestration.main --data DIR`` materialized is in the UI with its metadata and plots,
+and anything can be (re-)materialized from there. Before starting, the shapes world is landed
+and its shards added as partitions when the landing area is empty (``--no-land`` skips that).
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orchestration  # noqa: F401  (telemetry off first)
+from orchestration.main import prepare_home
+
+
+def dev_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The ``dagster dev`` command line serving ``orchestration.definitions``."""
+    return [sys.executable, "-m", "dagster", "dev", "-m", "orchestration.definitions",
+            "-h", host, "-p", str(port)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prepare the instance, then replace this process with ``dagster dev``."""
+    p = argparse.ArgumentParser(prog="python -m orchestration.ui",
+                                description="The Dagster UI (asset graph, checks, runs) on 127.0.0.1.")
+    p.add_argument("--data", type=Path, default=Path("data"), help="data folder (default: data)")
+    p.add_argument("--port", type=int, default=3000, help="port (default: 3000)")
+    p.add_argument("--no-land", action="store_true",
+                   help="do not land the shapes world when the landing area is empty")
+    args = p.parse_args(argv)
+
+    home = prepare_home(args.data)
+    if not args.no_land:
+        from dagster import DagsterInstance
+
+        from orchestration.definitions import storage
+        from orchestration.main import land_shapes_world, register_shards
+
+        if land_shapes_world(storage):
+            print(f"landed the shapes world in {storage.uri('landing')}", flush=True)
+        with DagsterInstance.get() as instance:
+            register_shards(instance, storage)
+    print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={home})", flush=True)
+    cmd = dev_command(args.port)
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)  # signals (Ctrl-C) now reach dagster dev directly
+
+
+if __name__ == "__main__":
+    sys.exit(main())
