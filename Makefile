@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY ?= python3
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 DATA ?= data
-RECIPE ?= quick  # quick: the whole lineage in minutes; full: the default recipe (BootstrapConfig)
+RECIPE ?= default  # default: BootstrapConfig (about 10 minutes on 2 cores); quick: orchestration/recipes/quick.yaml
 PORT ?= 3000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -28,7 +28,7 @@ setup:  ## install uv, the locked environment, the DVC CLI (its own tool env) an
 
 run: setup  ## the whole lineage on the embedded shapes world
 	$(UV) run --locked python -m orchestration.main --data $(DATA) \
-		$(if $(filter full,$(strip $(RECIPE))),,--config orchestration/recipes/$(strip $(RECIPE)).yaml)
+		$(if $(filter default,$(strip $(RECIPE))),,--config orchestration/recipes/$(strip $(RECIPE)).yaml)
 
 test: setup  ## the whole test suite, end-to-end runs included
 	$(UV) run --locked pytest -q

@@ -56,15 +56,20 @@ class CaptionSettings(Config):
 class CorpusSettings(Config):
     """How texts are filtered into the bootstrapped corpus (defaults: the recipe's)."""
 
-    threshold: float = Field(default=_CAPFILT.threshold,
-                             description="a text is noisy when its ITM match probability is below this")
+    threshold: float | None = Field(
+        default=_CAPFILT.threshold,
+        description="a text is noisy when its ITM match probability is below this; empty: calibrated "
+                    "on the human val split (Youden's J), the paper's argmax rule is 0.5")
+    calibration_split: str = Field(default=_CAPFILT.calibration_split,
+                                   description="human split the empty threshold is calibrated on")
     batch_size: int = Field(default=_CAPFILT.batch_size, description="images per forward")
     shard_size: int = Field(default=_CAPFILT.shard_size, description="samples per corpus shard")
     device: str = Field(default=RECIPE.device, description="cpu or cuda")
 
     def to_capfilt(self) -> CapfiltConfig:
         """The blip_core configuration."""
-        return CapfiltConfig(threshold=self.threshold, batch_size=self.batch_size,
+        return CapfiltConfig(threshold=self.threshold, calibration_split=self.calibration_split,
+                             batch_size=self.batch_size,
                              shard_size=self.shard_size, device=self.device)
 
 
@@ -111,7 +116,7 @@ def synthetic_captions(context: AssetExecutionContext, config: CaptionSettings, 
     })
 
 
-@asset(group_name=GROUP, pool=DVC_POOL, io_manager_key=IO_MANAGER_KEY, code_version=code_version("1"),
+@asset(group_name=GROUP, pool=DVC_POOL, io_manager_key=IO_MANAGER_KEY, code_version=code_version("2"),
        kinds={"pytorch", "webdataset"},
        description="Human train pairs + web texts kept by the filter + synthetic captions kept by it.")
 def bootstrapped_corpus(context: AssetExecutionContext, config: CorpusSettings, storage: StorageResource,
@@ -150,6 +155,10 @@ def bootstrapped_corpus(context: AssetExecutionContext, config: CorpusSettings, 
         "samples": MetadataValue.int(manifest["total"]),
         "dagster/row_count": MetadataValue.int(manifest["total"]),
         "threshold": MetadataValue.float(float(manifest["threshold"])),
+        "threshold_source": MetadataValue.text(
+            "fixed" if manifest.get("calibration") is None else
+            "calibrated on human {split}: Youden's J {youden_j:.3f} (TPR {tpr:.3f}, FPR {fpr:.3f})"
+            .format(**manifest["calibration"])),
         "web_noise_ratio": MetadataValue.float(round(noise["web"], 4)),
         "synthetic_noise_ratio": MetadataValue.float(round(noise["synthetic"], 4)),
         "counts": MetadataValue.json(counts),

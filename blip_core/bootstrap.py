@@ -31,7 +31,7 @@ class Stage:
     """Optimisation settings of one training stage."""
 
     max_steps: int  # optimizer steps
-    batch_size: int = 64  # pairs per step
+    batch_size: int = 32  # pairs per step
     lr: float = 3e-4  # peak learning rate
     warmup_steps: int = 20  # linear warm-up steps
 
@@ -43,9 +43,11 @@ class BootstrapConfig:
     preset: str = "tiny"  # model preset of every stage
     world: WorldConfig = field(default_factory=WorldConfig)  # the shapes world to generate
     # From-scratch tiny models want larger learning rates than the paper's ViT-B (3e-4, 1e-5..2e-5).
-    pretrain: Stage = Stage(max_steps=300, lr=1e-3)  # both pre-trainings (baseline, bootstrapped)
-    captioner: Stage = Stage(max_steps=200, lr=5e-4)  # LM fine-tune on human train
-    filter: Stage = Stage(max_steps=300, lr=1e-3)  # ITC + ITM fine-tune on human train
+    # Steps matter more than batch size here: 600 steps of 32 pairs retrieve better than 300 of 64
+    # (and as well as 600 of 64) at half the cost; see the closing note of the CapFilt issue.
+    pretrain: Stage = Stage(max_steps=600, lr=1e-3)  # both pre-trainings (baseline, bootstrapped)
+    captioner: Stage = Stage(max_steps=300, lr=5e-4)  # LM fine-tune on human train
+    filter: Stage = Stage(max_steps=600, lr=1e-3)  # ITC + ITM fine-tune on human train
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)  # generation and filtering
     rounds: int = 1  # bootstrap rounds (the paper does one)
     eval_k: int = 16  # ITM re-ranks the top-k of ITC (256 for COCO's 5k test)
@@ -164,7 +166,7 @@ def run_bootstrap(out: str | Path, cfg: BootstrapConfig = BootstrapConfig(),
         "baseline": {k: results["baseline"][k] for k in METRIC_KEYS},
         "bootstrapped": {k: results["bootstrapped"][k] for k in METRIC_KEYS},
         "filter": {"precision": quality["precision"], "recall": quality["recall"],
-                   "threshold": capfilt_cfg.threshold},
+                   "threshold": manifest["threshold"], "calibration": manifest.get("calibration")},
         "corpus": {k: counts[k] for k in ("web_kept", "web_removed", "synthetic_kept",
                                           "synthetic_removed")} | {"human": counts["human"]},
         "checkpoints": {"pretrained": str(baseline), "captioner": str(out / "captioner"),

@@ -32,7 +32,11 @@ SCORES_FILE = "scores.jsonl"
 class CapfiltConfig:
     """How captions are generated and texts filtered."""
 
-    threshold: float = 0.5  # a text is noisy when its ITM match probability is below this
+    # A text is noisy when its ITM match probability is below the threshold. None: calibrate it
+    # on ``calibration_split`` of the human annotations (see calibrate_threshold); a number: use it
+    # (the paper's argmax rule is 0.5).
+    threshold: float | None = None
+    calibration_split: str = "val"  # held-out human split the threshold is calibrated on
     method: Literal["nucleus", "beam", "greedy"] = "nucleus"  # paper: nucleus is more diverse, better
     top_p: float = 0.9  # nucleus sampling mass
     num_beams: int = 3  # beam search width
@@ -164,6 +168,76 @@ def score_texts(
     return rows or []
 
 
+def calibrate_threshold(
+    filters: Sequence[str],
+    split: str,
+    cfg: CapfiltConfig = CapfiltConfig(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The match-probability threshold that best tells true pairs from wrong ones on a held-out split.
+
+    The ITM head learns with one positive per two negatives, so its probabilities lean low, and
+    more so on texts shaped unlike its training captions (terse alt-texts): the argmax rule (0.5)
+    then drops many clean web texts. Here each image of ``split`` is scored against its own
+    captions (positives) and as many captions of other images (negatives, drawn with
+    ``cfg.seed``), and the threshold maximising Youden's J (true-positive minus false-positive
+    rate) is returned, halfway between the two scores it separates.
+
+    Args:
+        split: ``annotations.json:SPLIT`` of human pairs never trained on (``val``).
+
+    Returns:
+        ``threshold``, ``youden_j``, ``tpr``, ``fpr`` (at that threshold), ``positives``,
+        ``negatives``, ``split``.
+    """
+    import numpy as np
+
+    images = ImageOnlyDataset([split])
+    if len(images) < 2:
+        raise ValueError(f"calibrating the filter threshold needs at least 2 images in {split!r}, "
+                         f"found {len(images)}; pass a fixed threshold instead")
+    rng = np.random.default_rng(cfg.seed)
+    owner = [i for i, caps in enumerate(images.captions) for _ in caps]
+    pool = [c for caps in images.captions for c in caps]
+    negatives: dict[str, list[str]] = {}
+    for i, key in enumerate(images.keys):
+        own = set(images.captions[i])
+        picked: list[str] = []
+        for t in rng.permutation(len(pool)):  # lazily: stops after len(own) usable texts
+            if owner[t] != i and pool[t] not in own:
+                picked.append(pool[t])
+                if len(picked) == len(own):
+                    break
+        negatives[key] = picked
+    rows = score_texts(filters, [split], negatives, cfg, progress)
+    pos = [r["prob"] for r in rows if r["source"] == "web"]  # each image's own captions
+    neg = [r["prob"] for r in rows if r["source"] == "synthetic"]  # other images' captions
+    return youden_threshold(pos, neg) | {"positives": len(pos), "negatives": len(neg), "split": split}
+
+
+def youden_threshold(pos: Sequence[float], neg: Sequence[float]) -> dict[str, float]:
+    """The threshold ``t`` (keep when ``p >= t``) maximising TPR − FPR over the given scores.
+
+    Among equally good cuts the highest score wins; the threshold sits halfway between it and the
+    next lower score, so that scores near either side fall where their neighbours did.
+
+    Returns:
+        ``threshold``, ``youden_j``, ``tpr``, ``fpr``.
+    """
+    import numpy as np
+
+    pos_a, neg_a = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
+    if not len(pos_a) or not len(neg_a):
+        raise ValueError("youden_threshold needs positive and negative scores")
+    cuts = np.unique(np.concatenate([pos_a, neg_a]))[::-1]  # highest first
+    tpr = (pos_a[None, :] >= cuts[:, None]).mean(1)
+    fpr = (neg_a[None, :] >= cuts[:, None]).mean(1)
+    best = int(np.argmax(np.round(tpr - fpr, 9)))  # ties (to rounding): the highest cut
+    below = cuts[best + 1] if best + 1 < len(cuts) else 0.0
+    return {"threshold": float((cuts[best] + below) / 2), "youden_j": float(tpr[best] - fpr[best]),
+            "tpr": float(tpr[best]), "fpr": float(fpr[best])}
+
+
 def build_corpus(
     filters: Sequence[str],
     web: Sequence[str],
@@ -182,16 +256,21 @@ def build_corpus(
     image hashes of the human images included).
     """
     start = time.time()
+    ann = Path(human_annotations)
+    calibration = None
+    threshold = cfg.threshold
+    if threshold is None:
+        calibration = calibrate_threshold(filters, f"{ann}:{cfg.calibration_split}", cfg, progress)
+        threshold = calibration["threshold"]
     synth = read_synthetic(synthetic) if synthetic else {}
     rows = score_texts(filters, web, synth, cfg, progress)
     for row in rows:
-        row["kept"] = row["prob"] >= cfg.threshold
+        row["kept"] = row["prob"] >= threshold
     kept_by_key: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row["kept"]:
             kept_by_key.setdefault(row["key"], []).append(row)
 
-    ann = Path(human_annotations)
     human = [im for im in read_karpathy(ann) if im.split == "train"]
     human_hashes: list[str] = []
 
@@ -224,7 +303,8 @@ def build_corpus(
             "total": counts["human"] + counts["web_kept"] + counts["synthetic_kept"],
             "noise_ratio": {s: _ratio(counts[f"{s}_removed"], counts[f"{s}_kept"])
                             for s in ("web", "synthetic")},
-            "threshold": cfg.threshold,
+            "threshold": threshold,
+            "calibration": calibration,
             "checkpoints": {"filters": [str(f) for f in filters]},
             "synthetic": str(synthetic) if synthetic else None,
             "web": [str(w) for w in web],
@@ -290,6 +370,15 @@ def filter_quality(scores: str | Path, truth: str | Path) -> dict[str, float]:
     }
 
 
+def _threshold(raw: str) -> float | None:
+    if raw.lower() in {"auto", "none", "null"}:
+        return None
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"threshold {value} is not a probability in [0, 1]")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``blip-core capfilt``: captioners + filters + web shards → bootstrapped corpus."""
     d = CapfiltConfig()
@@ -309,7 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="corpus folder to write")
     p.add_argument("--synthetic-out", type=Path, help="where to write the synthetic captions "
                    "(default OUT.synthetic)")
-    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--threshold", type=_threshold, default=d.threshold,
+                   help="a fixed ITM probability below which a text is noisy (the paper's argmax: "
+                        "0.5), or 'auto' (default): calibrated on --calibration-split")
+    p.add_argument("--calibration-split", default=d.calibration_split,
+                   help="split of --human the 'auto' threshold is calibrated on (default: %(default)s)")
     p.add_argument("--method", choices=["nucleus", "beam", "greedy"], default=d.method)
     p.add_argument("--num-captions", type=int, default=d.num_captions)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -317,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=d.device)
     p.add_argument("--truth", type=Path, help="web_truth.jsonl: also report filter precision/recall")
     args = p.parse_args(argv)
-    cfg = replace(d, threshold=args.threshold, method=args.method, num_captions=args.num_captions,
-                  batch_size=args.batch_size, seed=args.seed, device=args.device)
+    cfg = replace(d, threshold=args.threshold, calibration_split=args.calibration_split,
+                  method=args.method, num_captions=args.num_captions, batch_size=args.batch_size,
+                  seed=args.seed, device=args.device)
     if args.synthetic:
         synthetic = args.synthetic
     elif args.captioner:

@@ -70,7 +70,7 @@ class BlipConfig:
 
 def _tiny() -> BlipConfig:
     return BlipConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4),
+        vision=VisionConfig(image_size=64, patch_size=16, width=128, depth=4, heads=4),
         text=TextConfig(
             hidden_size=128, num_layers=3, num_heads=4, intermediate_size=512,
             max_position=64, dropout=0.0,

@@ -44,7 +44,7 @@ def test_report_has_the_documented_keys(run):
     _, report, printed = run
     metrics = {"tr@1", "tr@5", "ir@1", "ir@5", "bleu4", "cider"}
     assert set(report["baseline"]) == metrics and set(report["bootstrapped"]) == metrics
-    assert set(report["filter"]) == {"precision", "recall", "threshold"}
+    assert set(report["filter"]) == {"precision", "recall", "threshold", "calibration"}
     assert {"web_kept", "web_removed", "synthetic_kept", "synthetic_removed"} <= set(report["corpus"])
     assert set(report["checkpoints"]) == {"pretrained", "captioner", "filter", "bootstrapped"}
     for path in report["checkpoints"].values():
@@ -65,6 +65,18 @@ def test_every_web_text_and_synthetic_caption_is_scored_once_and_counted(run):
     assert sum(s["source"] == "web" for s in scores) == N_WEB
     assert sum(s["kept"] for s in scores) == c["web_kept"] + c["synthetic_kept"]
     assert all((s["prob"] >= report["filter"]["threshold"]) == s["kept"] for s in scores)
+
+
+def test_threshold_is_calibrated_on_the_human_val_split(run):
+    """8 val images x 5 captions: 40 own captions (positives), 40 of other images (negatives)."""
+    out, report, _ = run
+    calibration = report["filter"]["calibration"]
+    assert calibration["split"].endswith("annotations.json:val")
+    assert (calibration["positives"], calibration["negatives"]) == (8 * CAPTIONS, 8 * CAPTIONS)
+    assert calibration["threshold"] == report["filter"]["threshold"]
+    assert 0.0 <= calibration["threshold"] <= 1.0 and -1.0 <= calibration["youden_j"] <= 1.0
+    manifest = json.loads((out / "corpus" / "manifest.json").read_text())
+    assert manifest["calibration"] == calibration and manifest["config"]["threshold"] is None
 
 
 def test_corpus_shards_hold_human_pairs_and_exactly_the_kept_texts(run):

@@ -275,6 +275,20 @@ def test_filter_decisions_mark_low_probabilities_noisy():
     assert filter_decisions(torch.tensor([0.3]), threshold=0.25).tolist() == [True]
 
 
+
+def test_youden_threshold_on_hand_checked_scores():
+    from blip_core.capfilt import youden_threshold
+
+    # Cuts from the top: 0.9 -> J 1/3; 0.4 -> TPR 2/3, FPR 0, J 2/3; 0.35 -> J 1/3; 0.3 -> TPR 1,
+    # FPR 1/3, J 2/3 (a tie: the higher cut wins); the threshold sits halfway from 0.4 to 0.35.
+    best = youden_threshold([0.3, 0.4, 0.9], [0.01, 0.05, 0.35])
+    assert best["threshold"] == pytest.approx(0.375)
+    assert (best["tpr"], best["fpr"], best["youden_j"]) == pytest.approx((2 / 3, 0.0, 2 / 3))
+    # Separable scores: the cut between the lowest positive (0.2) and the highest negative (0.1).
+    assert youden_threshold([0.2, 0.9], [0.01, 0.1])["threshold"] == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="positive and negative"):
+        youden_threshold([0.5], [])
+
 def test_score_dataset_scores_the_texts_of_each_key(tokenizer, images):
     model = _tiny()
     dataset = [(images[i], f"k{i}") for i in range(5)]

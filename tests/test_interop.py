@@ -90,7 +90,7 @@ def test_exported_config_matches_ours(hf_captioner, model):
     cfg = hf_captioner[0].config
     text, vision = cfg.text_config, cfg.vision_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (128, 4, 4)
-    assert (vision.image_size, vision.patch_size, vision.intermediate_size) == (64, 8, 512)
+    assert (vision.image_size, vision.patch_size, vision.intermediate_size) == (64, 16, 512)
     assert vision.layer_norm_eps == 1e-6 and text.layer_norm_eps == 1e-12
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (128, 3, 4)
     assert (text.vocab_size, text.max_position_embeddings, text.encoder_hidden_size) == (30524, 64, 128)
