@@ -76,7 +76,7 @@ def _tiny() -> BlipConfig:
             max_position=64, dropout=0.0,
         ),
         embed_dim=64,
-        queue_size=1024,
+        queue_size=128,  # a longer queue of stale momentum features stalls short from-scratch runs
         max_text_len=32,
     )
 
