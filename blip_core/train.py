@@ -252,6 +252,9 @@ def train(cfg: TrainConfig, on_log: LogFn | None = None) -> TrainResult:
         drop_last=True,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
+        # Its own generator: starting an iterator draws a worker seed, which from the global RNG
+        # would shift the augmentation and hard-negative streams of a resumed run by one draw.
+        generator=torch.Generator().manual_seed(seed),
     )
     steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.grad_accum)
     micro_per_epoch = sampler.limit = steps_per_epoch * cfg.grad_accum  # whole steps only
