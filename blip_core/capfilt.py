@@ -86,9 +86,10 @@ def caption_web(
     device = _device(cfg)
     by_key: dict[str, list[str]] = {}
     tokens = 0
+    dataset = ImageOnlyDataset(list(web))  # decoded once; each model sets its own transform
     for ckpt in captioners:
         model, tokenizer = load_for_inference(ckpt, device)
-        dataset = ImageOnlyDataset(list(web), transform=image_transform(model.cfg.vision.image_size))
+        dataset.transform = image_transform(model.cfg.vision.image_size)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         with _progress(len(dataset), f"caption ({Path(ckpt).name})", progress) as bar:
             for images, idx in _batches(dataset, cfg.batch_size):
@@ -132,12 +133,15 @@ def read_synthetic(path: str | Path) -> dict[str, list[str]]:
 
 def score_texts(
     filters: Sequence[str],
-    web: Sequence[str],
+    web: Sequence[str] | ImageOnlyDataset,
     synthetic: dict[str, list[str]],
     cfg: CapfiltConfig = CapfiltConfig(),
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Mean ITM match probability over ``filters`` of every web text and synthetic caption.
+
+    Args:
+        web: shard folders (or JSON splits), or their images already loaded.
 
     Returns:
         One row per text: ``key``, ``source`` ("web" or "synthetic"), ``text``, ``prob``.
@@ -146,9 +150,10 @@ def score_texts(
 
     device = _device(cfg)
     rows: list[dict[str, Any]] | None = None
+    dataset = web if isinstance(web, ImageOnlyDataset) else ImageOnlyDataset(list(web))
     for ckpt in filters:
         model, tokenizer = load_for_inference(ckpt, device)
-        dataset = ImageOnlyDataset(list(web), transform=image_transform(model.cfg.vision.image_size))
+        dataset.transform = image_transform(model.cfg.vision.image_size)
         probs: list[float] = []
         with _progress(len(dataset), f"filter ({Path(ckpt).name})", progress) as bar:
             for images, idx in _batches(dataset, cfg.batch_size):
@@ -209,7 +214,7 @@ def calibrate_threshold(
                 if len(picked) == len(own):
                     break
         negatives[key] = picked
-    rows = score_texts(filters, [split], negatives, cfg, progress)
+    rows = score_texts(filters, images, negatives, cfg, progress)
     pos = [r["prob"] for r in rows if r["source"] == "web"]  # each image's own captions
     neg = [r["prob"] for r in rows if r["source"] == "synthetic"]  # other images' captions
     return youden_threshold(pos, neg) | {"positives": len(pos), "negatives": len(neg), "split": split}
@@ -230,8 +235,9 @@ def youden_threshold(pos: Sequence[float], neg: Sequence[float]) -> dict[str, fl
     if not len(pos_a) or not len(neg_a):
         raise ValueError("youden_threshold needs positive and negative scores")
     cuts = np.unique(np.concatenate([pos_a, neg_a]))[::-1]  # highest first
-    tpr = (pos_a[None, :] >= cuts[:, None]).mean(1)
-    fpr = (neg_a[None, :] >= cuts[:, None]).mean(1)
+    # Share of scores >= each cut, by binary search (O(n log n), no cuts x scores matrix).
+    tpr = 1.0 - np.searchsorted(np.sort(pos_a), cuts, side="left") / len(pos_a)
+    fpr = 1.0 - np.searchsorted(np.sort(neg_a), cuts, side="left") / len(neg_a)
     best = int(np.argmax(np.round(tpr - fpr, 9)))  # ties (to rounding): the highest cut
     below = cuts[best + 1] if best + 1 < len(cuts) else 0.0
     return {"threshold": float((cuts[best] + below) / 2), "youden_j": float(tpr[best] - fpr[best]),
