@@ -41,8 +41,8 @@ from blip_core.data.ingest import (
     clean_caption,
     decode_image,
     iter_valid,
+    read_image_file,
 )
-from blip_core.io import safe_member_path
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +136,9 @@ def _load_karpathy(path: Path, split: str, skipped: Counter[str], cfg: IngestCon
         if im.split != split:
             continue
         try:
-            data = safe_member_path(root, im.image).read_bytes()
-            image, _ = decode_image(data, cfg)
+            image, _ = decode_image(read_image_file(root, im.image, cfg), cfg)
         except InvalidSample as e:
             skipped[e.reason] += 1
-            continue
-        except ValueError:  # from safe_member_path
-            skipped["unsafe_member_name"] += 1
-            continue
-        except OSError:
-            skipped["missing_image"] += 1
             continue
         captions = []
         for caption in im.captions:

@@ -127,7 +127,7 @@ def _image_size(data: bytes) -> tuple[int, int]:
 class ShardWriter:
     """Writes one shard (``name.tar`` + ``name.parquet``), each appearing atomically on close.
 
-    Members are written in webdataset's order (``json``, ``jpg``, ``txt``) with a fixed mtime,
+    Members are written sorted by extension (``jpg``, ``json``, ``txt``) with a fixed mtime,
     so identical samples give byte-identical shards. Use as a context manager; on an exception
     neither file appears.
     """
@@ -144,14 +144,26 @@ class ShardWriter:
         self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT)
         return self
 
-    def _add_member(self, name: str, data: bytes) -> None:
+    def add_member(
+        self, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, linkname: str = ""
+    ) -> None:
+        """Appends one raw tar member, unchecked (:meth:`write` is the checked way to add samples).
+
+        Args:
+            name: Member name, written as given.
+            data: Member content (regular files only).
+            kind: ``tarfile`` member type (``REGTYPE``, ``SYMTYPE``, ``DIRTYPE``, ...).
+            linkname: Target of a link member.
+        """
         info = tarfile.TarInfo(name)
-        info.size = len(data)
+        info.type = kind
+        info.linkname = linkname
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
         info.mtime = _TAR_MTIME
         info.mode = 0o444
         info.uname = info.gname = "bigdata"  # what webdataset's TarWriter writes
         assert self._tar is not None
-        self._tar.addfile(info, io.BytesIO(data))
+        self._tar.addfile(info, io.BytesIO(data) if info.size else None)
 
     def write(self, sample: Sample) -> None:
         """Appends one sample; fills ``width``/``height``/``sha256``/``status`` if missing."""
@@ -168,7 +180,7 @@ class ShardWriter:
             "txt": sample.caption.encode("utf-8"),
         }
         for ext in sorted(members):
-            self._add_member(f"{sample.key}.{ext}", members[ext])
+            self.add_member(f"{sample.key}.{ext}", members[ext])
         self.rows.append({name: meta.get(name) for name in PARQUET_SCHEMA.names})
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -273,6 +285,7 @@ class _Group:
     def __init__(self, key: str, first_member: str) -> None:
         self.key = key
         self.first_member = first_member
+        self.exts: set[str] = set()  # extensions met, read or not
         self.files: dict[str, bytes] = {}
         self.members: dict[str, str] = {}
         self.problem: tuple[str, str, str] | None = None  # (reason, detail, member)
@@ -297,22 +310,37 @@ def _has_end_marker(path: Path, offset: int) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
+def _listed_keys(tar_path: Path) -> list[str] | None:
+    """Keys img2dataset listed as downloaded in the parquet beside a shard (None: no readable one)."""
+    parquet = tar_path.with_suffix(".parquet")
+    try:
+        table = pq.read_table(parquet, columns=["key", "status"])
+    except Exception:  # missing or unreadable: pyarrow raises several types
+        return None
+    keys = (k for k, status in zip(table["key"].to_pylist(), table["status"].to_pylist(), strict=True)
+            if isinstance(k, str) and k and status in ("success", None))
+    return list(dict.fromkeys(keys))
+
+
 def iter_shard(
     tar_path: str | os.PathLike[str], max_member_bytes: int = MAX_MEMBER_BYTES
 ) -> Iterator[RawSample | Rejection]:
     """Streams the samples of a (plain, uncompressed) tar shard.
 
-    Members are grouped into samples by key as webdataset does (consecutive members sharing
-    the part of the name before the first dot of the basename). Nothing is extracted; only
-    the current sample's members are held in memory, and members larger than
-    ``max_member_bytes`` are skipped without being read.
+    Members are grouped into samples by key as webdataset does: consecutive members sharing
+    the part of the name before the first dot of the basename, a new sample starting when
+    the key changes or an extension repeats (so ``a.jpg a.txt a.jpg a.txt`` is two samples
+    ``a``, the second a duplicate). Nothing is extracted; only the current sample's members
+    are held in memory, and members larger than ``max_member_bytes`` are skipped unread.
 
     Yields a :class:`Rejection` (never raises) for: a file that is not a tar
     (``unreadable_tar``), unsafe member names (``unsafe_member_name``: absolute, ``..``, or a key
     outside :data:`KEY_PATTERN`), links and devices (``unsafe_member_type``), oversized members
-    (``member_too_large``), a member repeated within a sample (``duplicate_key``), names without
-    an extension (``stray_member``) and a truncated archive (``truncated_tar``: the sample being
-    read when the data ends, or ``key=""`` when the archive merely lacks its end marker).
+    (``member_too_large``), names without an extension (``stray_member``) and a truncated
+    archive (``truncated_tar``): the sample being read when the data ends (``key=""`` when
+    there is none), then every sample the parquet beside the shard lists as downloaded but
+    the archive lost past the cut. An unreadable file rejects each sample its parquet lists
+    (or one ``key=""`` record when there is no parquet).
 
     Args:
         tar_path: Path of the shard.
@@ -324,23 +352,31 @@ def iter_shard(
     """
     path = Path(tar_path)
     shard = path.name
+    parquet = path.with_suffix(".parquet").name
     try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:
-        yield Rejection("", shard, "unreadable_tar", f"{type(e).__name__}: {e}")
+        detail = f"{type(e).__name__}: {e}"
+        listed = _listed_keys(path)
+        if not listed:
+            yield Rejection("", shard, "unreadable_tar", f"{detail}; no parquet listing its samples")
+        for key in listed or ():
+            yield Rejection(key, parquet, "unreadable_tar", f"listed in {parquet}; {shard}: {detail}")
         return
     group: _Group | None = None
+    keys: set[str] = set()  # keys met in this archive
     last_member = ""
+    truncation = ""
     with tar:
         while True:
             try:
                 info = tar.next()
             except (tarfile.TarError, OSError) as e:  # a corrupt header after the first
-                info = None
                 truncation = f"bad header after {last_member or 'start'}: {e}"
-            else:
-                truncation = ""
+                break
             if info is None:
+                if not _has_end_marker(path, tar.offset):
+                    truncation = f"no end-of-archive marker after {last_member or 'start'}"
                 break
             name = info.name[2:] if info.name.startswith("./") else info.name
             last_member = name
@@ -349,13 +385,16 @@ def iter_shard(
             parts = _split_name(name)
             why = _unsafe_name(name)
             if parts is None and why is None:
+                keys.add(name)
                 yield Rejection(name, f"{shard}:{name}", "stray_member", "no extension")
                 continue
             key, ext = parts if parts is not None else (name, "")
-            if group is None or key != group.key:
+            if group is None or key != group.key or ext in group.exts:
                 if group is not None:
                     yield _finish(group, shard)
                 group = _Group(key, name)
+                keys.add(key)
+            group.exts.add(ext)
             if why is not None:
                 group.reject("unsafe_member_name", why, name)
                 continue
@@ -364,9 +403,6 @@ def iter_shard(
                 continue
             if not info.isfile():
                 group.reject("unsafe_member_type", f"tar member type {info.type!r}", name)
-                continue
-            if ext in group.files:
-                group.reject("duplicate_key", f"member {name} repeated within the sample", name)
                 continue
             if info.size > max_member_bytes:
                 group.reject("member_too_large", f"{info.size} bytes > limit {max_member_bytes}", name)
@@ -380,21 +416,24 @@ def iter_shard(
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
             except (tarfile.TarError, OSError, EOFError) as e:
-                group.reject("truncated_tar", f"archive ends inside {name}: {e}", name)
-                yield _finish(group, shard)
-                return
+                truncation = f"archive ends inside {name}: {e}"
+                break
             group.files[ext] = data
             group.members[ext] = name
-        if not truncation and not _has_end_marker(path, tar.offset):
-            truncation = f"no end-of-archive marker after {last_member or 'start'}"
-    if truncation:
-        if group is not None:  # the last sample may have lost members: reject it
-            detail = f"{truncation} (the sample may be incomplete)"
-            yield Rejection(group.key, f"{shard}:{group.first_member}", "truncated_tar", detail)
-        else:
-            yield Rejection("", shard, "truncated_tar", truncation)
-    elif group is not None:
-        yield _finish(group, shard)
+    if not truncation:
+        if group is not None:
+            yield _finish(group, shard)
+        return
+    listed = _listed_keys(path)
+    lost = [k for k in listed if k not in keys] if listed is not None else []
+    detail = f"{truncation}; {len(lost)} more samples listed in the parquet are lost" if listed is not None \
+        else f"{truncation}; no readable parquet beside the shard: samples past the cut are unknown"
+    if group is not None:  # the last sample may have lost members: reject it
+        yield Rejection(group.key, f"{shard}:{group.first_member}", "truncated_tar", detail)
+    else:
+        yield Rejection("", shard, "truncated_tar", detail)
+    for key in lost:
+        yield Rejection(key, parquet, "truncated_tar", f"listed in {parquet}, past the cut of {shard}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +488,10 @@ def _entries(raw: Any) -> list[dict[str, Any]]:
 def load_karpathy_entries(path: str | os.PathLike[str]) -> list[Any]:
     """The raw entries of a Karpathy JSON file (list layout or ``dataset_coco.json`` layout)."""
     with open(path, encoding="utf-8") as f:
-        return _entries(json.load(f))
+        try:
+            return _entries(json.load(f))
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
 def read_karpathy(path: str | os.PathLike[str], default_split: str | None = None) -> list[HumanImage]:

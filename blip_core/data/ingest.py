@@ -10,18 +10,22 @@ Decisions worth knowing:
 
 - A ``.json`` member that is not a JSON object quarantines the sample (``bad_json``):
   img2dataset always writes valid JSON, so a broken one means a corrupt write, and the JSON
-  carries the provenance (url, sha256) the lineage relies on. A missing ``.json`` is fine
-  (plain webdataset pairs) and a fresh one is written.
+  carries the provenance (url, sha256) the lineage relies on. So does one that cannot be
+  written back (nested too deeply, a lone surrogate, ``url``/``status`` not strings). A
+  missing ``.json`` is fine (plain webdataset pairs) and a fresh one is written.
 - Captions: a leading BOM is dropped and runs of whitespace (tabs, newlines, ...) collapse to
   one space; any other C0/C1 control character rejects the caption (``control_characters``),
   since it signals binary junk or terminal escapes and stripping would silently change it.
   Unicode format characters (right-to-left marks, zero-width joiners) are kept: right-to-left
-  and other scripts are valid captions.
+  and other scripts are valid captions. A lone surrogate (possible through a JSON ``\\ud800``
+  escape in an annotation file) cannot be written as UTF-8: ``non_utf8_caption``.
 - Images in any mode PIL decodes (CMYK, P, LA, RGBA, I;16, ...) are valid: they are
   converted to RGB (alpha composited on white) and re-encoded as JPEG. RGB JPEGs keep their
   original bytes.
 - Duplicate keys: the first occurrence of a key (across all shards of one ingest) is judged
-  on its own; every later occurrence is quarantined as ``duplicate_key``.
+  on its own, good or bad; every later occurrence is quarantined as ``duplicate_key``.
+- A truncated shard keeps the samples before the cut; the sample being read and every sample
+  the parquet beside the shard lists past the cut are ``truncated_tar``, one record each.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -62,7 +65,7 @@ log = logging.getLogger(__name__)
 
 REASONS: dict[str, str] = {
     # images
-    "missing_image": "no image member in the sample / image file not found",
+    "missing_image": "no image member in the sample / image file not found or not a regular file",
     "empty_image": "the image has zero bytes",
     "undecodable_image": "PIL cannot open or fully decode the image (corrupt, truncated, unsupported format)",
     "image_too_large": "declared pixel count above IngestConfig.max_pixels (checked from the "
@@ -73,20 +76,24 @@ REASONS: dict[str, str] = {
     "missing_caption": "no .txt member in the sample / caption is not a string",
     "empty_caption": "caption empty after whitespace normalisation",
     "caption_too_long": "caption longer than IngestConfig.max_caption_chars",
-    "non_utf8_caption": "caption bytes are not valid UTF-8",
+    "non_utf8_caption": "caption bytes are not valid UTF-8 (or the text holds a lone surrogate)",
     "control_characters": "caption contains C0/C1 control characters other than whitespace",
     # metadata and annotation entries
-    "bad_json": "the .json member is not a JSON object",
-    "missing_field": "annotation entry lacks 'image', 'caption' or 'split', or is not an object",
+    "bad_json": "the .json member is not a JSON object, is nested too deeply, holds a lone "
+    "surrogate, or has a non-string 'url'/'status'",
+    "missing_field": "annotation entry lacks 'image', 'caption' or 'split', is not an object, "
+    "or its image_id is not valid Unicode",
     "invalid_split": "annotation split not one of train/val/test (restval counts as train)",
     # archive structure
-    "unsafe_member_name": "absolute path, '..', or key outside [A-Za-z0-9_-/]",
+    "unsafe_member_name": "absolute path, '..', key outside [A-Za-z0-9_-/], or an image path "
+    "that resolves (through symlinks) outside the image root",
     "unsafe_member_type": "tar member is a link, device or fifo, not a regular file",
     "duplicate_key": "key (or image) already seen; second and later occurrences are rejected",
     "stray_member": "tar member without an extension, not part of any sample",
-    "member_too_large": "tar member above IngestConfig.max_member_bytes (not read)",
-    "truncated_tar": "the archive ends early; the sample being read is rejected",
-    "unreadable_tar": "the file is not a tar archive",
+    "member_too_large": "tar member or image file above IngestConfig.max_member_bytes (not read)",
+    "truncated_tar": "the archive ends early: the sample being read, and each sample the shard's "
+    "parquet lists past the cut",
+    "unreadable_tar": "the file is not a tar archive: each sample its parquet lists (or one record)",
 }
 """Every quarantine reason, with its meaning. Keys are stable snake_case strings."""
 
@@ -227,6 +234,15 @@ def decode_image(data: bytes, cfg: IngestConfig = DEFAULT_CONFIG) -> tuple[Image
     return rgb, reusable
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def encode_jpeg(im: Image.Image, quality: int) -> bytes:
     """Encodes an RGB image as JPEG."""
     buf = io.BytesIO()
@@ -241,6 +257,8 @@ def clean_caption(text: str, cfg: IngestConfig = DEFAULT_CONFIG) -> str:
         InvalidSample: ``control_characters``, ``empty_caption`` or ``caption_too_long``.
     """
     text = text.removeprefix("\ufeff")
+    if not _utf8(text):
+        raise InvalidSample("non_utf8_caption", "lone surrogate")
     bad = next((c for c in text if c in _CONTROL), None)
     if bad is not None:
         raise InvalidSample("control_characters", f"contains {bad!r}")
@@ -265,6 +283,26 @@ def decode_caption(raw: bytes, cfg: IngestConfig = DEFAULT_CONFIG) -> str:
     except UnicodeDecodeError as e:
         raise InvalidSample("non_utf8_caption", str(e)) from None
     return clean_caption(text, cfg)
+
+
+def parse_meta(raw: bytes) -> dict[str, Any]:
+    """Parses and checks a ``.json`` member: an object that can be written back as it is.
+
+    Raises:
+        InvalidSample: ``bad_json``.
+    """
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSON or UTF-8 errors, > 4300-digit ints, deep nesting
+        raise InvalidSample("bad_json", f"{type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise InvalidSample("bad_json", f"top level is {type(meta).__name__}")
+    for name in ("url", "status"):  # parquet string columns
+        if not isinstance(meta.get(name), str | None):
+            raise InvalidSample("bad_json", f"{name!r} is {type(meta[name]).__name__}, not a string")
+    if not _utf8(json.dumps(meta, ensure_ascii=False)):
+        raise InvalidSample("bad_json", "lone surrogate in a string")
+    return meta
 
 
 _MEMBER_OF: dict[str, str | None] = {
@@ -294,14 +332,7 @@ def validate_sample(raw: RawSample, cfg: IngestConfig = DEFAULT_CONFIG) -> Valid
             raise InvalidSample("missing_image", f"members: {sorted(raw.files)}")
         if "txt" not in raw.files:
             raise InvalidSample("missing_caption", f"members: {sorted(raw.files)}")
-        meta: dict[str, Any] = {}
-        if "json" in raw.files:
-            try:
-                meta = json.loads(raw.files["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise InvalidSample("bad_json", str(e)) from None
-            if not isinstance(meta, dict):
-                raise InvalidSample("bad_json", f"top level is {type(meta).__name__}")
+        meta = parse_meta(raw.files["json"]) if "json" in raw.files else {}
         caption = decode_caption(raw.files["txt"], cfg)
         data = raw.files[image_ext]
         recorded = meta.get("sha256")
@@ -327,6 +358,8 @@ def iter_valid_shard(shard: Path, cfg: IngestConfig, seen: set[str]) -> Iterator
     """Validated samples of one shard; ``seen`` holds keys from earlier shards (updated)."""
     for item in iter_shard(shard, cfg.max_member_bytes):
         if isinstance(item, Rejection):
+            if item.key:  # a rejected first occurrence still claims its key
+                seen.add(item.key)
             yield item
         elif item.key in seen:
             yield Rejection(item.key, item.source(), "duplicate_key", "key seen before")
@@ -351,7 +384,10 @@ class _Quarantine:
         if rejection.reason not in REASONS:
             raise KeyError(f"undocumented reason {rejection.reason!r}")
         record = {**rejection.to_json(), **extra}
-        self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = json.dumps(record, ensure_ascii=False)
+        if not _utf8(line):  # lone surrogates (undecodable tar names): \u escapes
+            line = json.dumps(record)
+        self.f.write(line + "\n")
         if counted:
             self.by_reason[rejection.reason] += 1
             self.stats.quarantined += 1
@@ -482,6 +518,9 @@ def _parse_entries(entries: list[Any], source: str, quarantine: _Quarantine) -> 
             quarantine.add(Rejection(key, where, "missing_caption", "caption is not a list"))
             continue
         image_id = str(e.get("image_id") or Path(e["image"]).stem)
+        if not _utf8(image_id):
+            quarantine.add(Rejection(key, where, "missing_field", "image_id holds a lone surrogate"))
+            continue
         prev = by_image.get(e["image"])
         if prev is not None:
             if prev.split != split:
@@ -497,6 +536,31 @@ def _parse_entries(entries: list[Any], source: str, quarantine: _Quarantine) -> 
         ids[image_id] = e["image"]
         by_image[e["image"]] = _Entry(i, e["image"], split, image_id, list(captions))
     return list(by_image.values())
+
+
+def read_image_file(root: Path, name: str, cfg: IngestConfig = DEFAULT_CONFIG) -> bytes:
+    """Reads the image file an annotation names, confined to ``root``, within the size limit.
+
+    Raises:
+        InvalidSample: ``unsafe_member_name`` (absolute, ``..``, not valid Unicode, or resolving
+            outside ``root``), ``missing_image`` (absent, unreadable, or not a regular file: a
+            fifo would block) or ``member_too_large``.
+    """
+    try:
+        if not _utf8(name):
+            raise ValueError(f"path {name!r} holds a lone surrogate")
+        path = safe_member_path(root, name)
+    except ValueError as e:
+        raise InvalidSample("unsafe_member_name", str(e)) from None
+    if not path.is_file():
+        raise InvalidSample("missing_image", f"{name} is not a file under {root}")
+    try:
+        size = path.stat().st_size
+        if size > cfg.max_member_bytes:
+            raise InvalidSample("member_too_large", f"{size} bytes > limit {cfg.max_member_bytes}")
+        return path.read_bytes()
+    except OSError as e:
+        raise InvalidSample("missing_image", f"cannot read {name}: {e}") from None
 
 
 def ingest_human(
@@ -544,16 +608,7 @@ def ingest_human(
             ):
                 where = f"{ann_json.name}:{entry.index}"
                 try:
-                    path = safe_member_path(root, entry.image)
-                except ValueError as e:
-                    quarantine.add(Rejection(entry.image_id, where, "unsafe_member_name", str(e)))
-                    continue
-                if not path.is_file():
-                    detail = f"{entry.image} not found under {root}"
-                    quarantine.add(Rejection(entry.image_id, where, "missing_image", detail))
-                    continue
-                data = path.read_bytes()
-                try:
+                    data = read_image_file(root, entry.image, cfg)
                     decode_image(data, cfg)
                 except InvalidSample as e:
                     quarantine.add(Rejection(entry.image_id, where, e.reason, e.detail))
@@ -561,7 +616,7 @@ def ingest_human(
                 good, bad = _check_captions(entry, where, cfg)
                 if not good:
                     reason, detail = (
-                        (bad[0][1].reason, bad[0][1].detail) if bad else ("empty_caption", "none")
+                        (bad[0][1].reason, bad[0][1].detail) if bad else ("missing_caption", "no captions")
                     )
                     quarantine.add(Rejection(entry.image_id, where, reason, detail))
                     continue
@@ -570,7 +625,7 @@ def ingest_human(
                     dropped[rejection.reason] += 1
                 dest = tmp / entry.image
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, dest)
+                dest.write_bytes(data)  # the bytes checked, not the file again
                 kept.append(HumanImage(entry.image, tuple(good), entry.split, entry.image_id))
         finally:
             quarantine.close()
