@@ -169,7 +169,8 @@ def tree_hash(root: str | os.PathLike[str]) -> str:
             entries.append((rel.as_posix(), sha256_file(p)))
     h = hashlib.sha256()
     for rel_path, digest in sorted(entries):
-        h.update(f"{rel_path}\0{digest}\n".encode())
+        # surrogateescape: a file name that is not valid UTF-8 still hashes (to its own bytes)
+        h.update(f"{rel_path}\0{digest}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import tarfile
@@ -103,6 +104,10 @@ def test_tree_hash_and_safe_paths(tmp_path: Path) -> None:
     (tmp_path / ".x.tmp-123").write_text("temp")
     assert tree_hash(tmp_path) == h
     (tmp_path / "d" / "x.txt").write_text("y")
+    assert tree_hash(tmp_path) != h
+    h = tree_hash(tmp_path)
+    with open(os.path.join(os.fsencode(tmp_path), b"d", b"caf\xe9.txt"), "wb") as f:  # not UTF-8
+        f.write(b"z")
     assert tree_hash(tmp_path) != h
     assert safe_member_path(tmp_path, "d/x.txt") == tmp_path / "d" / "x.txt"
     for bad in ("/etc/passwd", "../x", "d/../../x", "a\\b", ""):
