@@ -16,15 +16,32 @@ new champion's ``previous_champion`` tag, so rolling back is one command::
     python -m orchestration.promotion rollback --model blip-med [--to VERSION] [--data DATA]
     python -m orchestration.promotion status --model blip-med
 
-Promotions are serialised (Dagster pool ``mlflow_registry`` plus a file lock beside the
-tracking store) and the champion is re-read under the lock, so two promotions never both win.
+A challenger whose evaluation lacks the metric (absent, None, NaN or infinite), or a guard
+metric the reference has, is never promoted; neither is a first champion without a baseline.
+
+Concurrent promotions: an alias points at one version, so there is never more than one
+champion; a promotion reads the champion, decides and moves the alias under a lock, so none
+decides against a champion that another has replaced meanwhile (the lost update that would
+leave a worse champion). The lock is taken in two places, for :meth:`Registry.promote` and
+:meth:`Registry.rollback`:
+
+- a file lock beside the data folder: promoters on this machine wait without polling the store;
+- a lock in the registry itself, the registered model ``<name>.promotion-lock``: MLflow model
+  names are unique in the store's database, so creating it is an atomic test-and-set that
+  every promoter of the store sees, from any machine (the team server of ``mlflow/README.md``);
+  it is deleted when done, and one older than ``lock_stale_s`` (its holder died) is taken over.
+
+The Dagster pool ``mlflow_registry`` also runs one promotion at a time per Dagster instance.
 """
 
 
 import argparse
 import fcntl
 import json
+import math
 import os
+import random
+import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -55,16 +72,22 @@ FILTER_MODEL = "blip-filter"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 REGISTRY_POOL = "mlflow_registry"
+LOCK_SUFFIX = ".promotion-lock"
 RECALL_KEYS = ("tr@1", "tr@5", "ir@1", "ir@5")
 
 
-def score(metrics: Mapping[str, float], metric: str) -> float | None:
-    """A metric of an evaluation; ``r_mean`` is the mean of TR/IR@1/5. None when absent."""
+def score(metrics: Mapping[str, Any], metric: str) -> float | None:
+    """A metric of an evaluation; ``r_mean`` is the mean of TR/IR@1/5.
+
+    None when absent or not a finite number (None, NaN, infinity, text, a bool).
+    """
     if metric == "r_mean":
-        values = [metrics[k] for k in RECALL_KEYS if k in metrics]
-        return sum(values) / len(values) if len(values) == len(RECALL_KEYS) else None
+        values = [score(metrics, k) for k in RECALL_KEYS]
+        return None if None in values else sum(values) / len(values)  # type: ignore[arg-type]
     value = metrics.get(metric)
-    return float(value) if isinstance(value, int | float) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -89,18 +112,27 @@ class Decision:
     reference: str = ""  # "champion vN", "baseline" or ""
 
 
-def decide(challenger: Mapping[str, float], champion: Mapping[str, float] | None,
-           baseline: Mapping[str, float] | None, check_problems: Sequence[str],
+def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None,
+           baseline: Mapping[str, Any] | None, check_problems: Sequence[str],
            rule: PromotionRule = PromotionRule(), champion_label: str = "champion") -> Decision:
-    """Pure promotion logic: blocking checks, then the metric against champion (or baseline)."""
+    """Pure promotion logic: blocking checks, then the metric against champion (or baseline).
+
+    Missing evaluations never win: a challenger without a finite ``rule.metric``, or without a
+    guard metric the reference has, and a first champion without a baseline to beat (when
+    ``beat_baseline_first``) are rejected. A champion without the metric (recorded under
+    another rule) loses to any challenger that has it.
+    """
     if check_problems:
         return Decision(False, f"blocking checks did not pass: {'; '.join(check_problems[:5])}")
     mine = score(challenger, rule.metric)
     if mine is None:
-        return Decision(False, f"the evaluation has no {rule.metric!r} for the challenger")
+        return Decision(False, f"the evaluation has no finite {rule.metric!r} for the challenger")
     if champion is not None:
         reference, label = champion, champion_label
-    elif baseline is not None and rule.beat_baseline_first:
+    elif rule.beat_baseline_first:
+        if baseline is None or score(baseline, rule.metric) is None:
+            return Decision(False, f"no champion yet and the evaluation has no finite baseline "
+                                   f"{rule.metric!r} to beat", mine)
         reference, label = baseline, "baseline"
     else:
         return Decision(True, f"first champion ({rule.metric}={mine:.4g})", mine, None, "")
@@ -113,6 +145,10 @@ def decide(challenger: Mapping[str, float], champion: Mapping[str, float] | None
                                f"(+{rule.min_delta:g} needed)", mine, theirs, label)
     for guard in rule.guard_metrics:
         a, b = score(challenger, guard), score(reference, guard)
+        if b is not None and a is None:
+            return Decision(False, f"{rule.metric} {mine:.4g} beats {label} {theirs:.4g} but the "
+                                   f"evaluation has no finite {guard!r} (guard) for the challenger",
+                            mine, theirs, label)
         if a is not None and b is not None and a < b - rule.guard_tolerance:
             return Decision(False, f"{rule.metric} {mine:.4g} beats {label} {theirs:.4g} but {guard} "
                                    f"regresses {b:.4g} -> {a:.4g}", mine, theirs, label)
@@ -123,15 +159,29 @@ def decide(challenger: Mapping[str, float], champion: Mapping[str, float] | None
 
 
 class Registry:
-    """Aliases, tags and the champion history of registered models (over ``MlflowClient``)."""
+    """Aliases, tags and the champion history of registered models (over ``MlflowClient``).
 
-    def __init__(self, client: MlflowClient, lock_path: Path | None = None) -> None:
+    Args:
+        lock_path: file lock of this machine's promoters (None: the registry lock alone).
+        lock_timeout_s: how long to wait for another promotion of the same model.
+        lock_stale_s: age after which a registry lock is taken for its dead holder's.
+    """
+
+    def __init__(self, client: MlflowClient, lock_path: Path | None = None,
+                 lock_timeout_s: float = 300.0, lock_stale_s: float = 600.0) -> None:
         self.client = client
         self.lock_path = lock_path
+        self.lock_timeout_s = lock_timeout_s
+        self.lock_stale_s = lock_stale_s
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive promotion / rollback on this machine (the Dagster pool covers the cluster)."""
+    def locked(self, name: str) -> Iterator[None]:
+        """Exclusive promotion / rollback of ``name``, on this machine and in the registry."""
+        with self._file_lock(), self._registry_lock(name):
+            yield
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
         if self.lock_path is None:
             yield
             return
@@ -142,6 +192,46 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _registry_lock(self, name: str) -> Iterator[None]:
+        """The registered model ``<name>.promotion-lock`` exists while someone holds the lock."""
+        lock, owner = f"{name}{LOCK_SUFFIX}", f"{socket.gethostname()}:{os.getpid()}"
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                self.client.create_registered_model(lock, tags={"owner": owner}, description=(
+                    f"Held during a promotion or rollback of {name}; delete it if its owner is gone."))
+                break
+            except MlflowException as e:  # held; or released while the store built that error
+                if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                    raise
+            held = self._get_model(lock)
+            if held is not None and time.time() * 1000 - held.creation_timestamp > self.lock_stale_s * 1000:
+                self._delete_model(lock)  # its holder died without releasing it
+                continue
+            if time.monotonic() > deadline:
+                holder = held.tags.get("owner", "?") if held is not None else "?"
+                raise TimeoutError(f"{lock} is held by {holder}; waited {self.lock_timeout_s:g}s "
+                                   f"(delete the registered model {lock} if that process is gone)")
+            time.sleep(random.uniform(0.02, 0.1))
+        try:
+            yield
+        finally:
+            self._delete_model(lock)
+
+    def _get_model(self, name: str) -> Any:
+        try:
+            return self.client.get_registered_model(name)
+        except MlflowException:
+            return None
+
+    def _delete_model(self, name: str) -> None:
+        try:
+            self.client.delete_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
     def by_alias(self, name: str, alias: str) -> ModelVersion | None:
         try:
@@ -160,17 +250,24 @@ class Registry:
 
     def register(self, model_uri: str, name: str, metrics: Mapping[str, float],
                  tags: Mapping[str, str]) -> ModelVersion:
-        """A new version of ``name`` from ``model_uri``, tagged with its metrics, as challenger."""
-        try:
-            self.client.get_registered_model(name)
-        except MlflowException:
-            self.client.create_registered_model(name, description="BLIP MED bootstrapped by CapFilt; "
-                                                "aliases: champion (serving), challenger (newest).")
+        """A new version of ``name`` from ``model_uri``, tagged with its metrics, as challenger
+        (the alias moves only forward: a slower concurrent registration leaves it on the newest)."""
+        if self._get_model(name) is None:
+            try:
+                self.client.create_registered_model(name, description=(
+                    "BLIP MED bootstrapped by CapFilt; aliases: champion (serving), challenger (newest)."))
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":  # else a concurrent first registration
+                    raise
         run_id = tags.get("mlflow_run_id")
+        numbers = {k: v for k, v in metrics.items() if score(metrics, k) is not None}
         version = self.client.create_model_version(name, model_uri, run_id=run_id, tags={
-            **tags, "metrics": json.dumps(dict(metrics), sort_keys=True),
-            **{f"metric.{metric_key(k)}": f"{v:.6g}" for k, v in metrics.items()}})
-        self.client.set_registered_model_alias(name, CHALLENGER, version.version)
+            **tags, "metrics": json.dumps(dict(metrics), sort_keys=True, default=str),
+            **{f"metric.{metric_key(k)}": f"{v:.6g}" for k, v in numbers.items()}})
+        with self.locked(name):
+            newest = self.alias_version(name, CHALLENGER)
+            if newest is None or int(newest) < int(version.version):
+                self.client.set_registered_model_alias(name, CHALLENGER, version.version)
         return self.client.get_model_version(name, version.version)
 
     def record(self, name: str, version: str, decision: Decision, promoted: bool) -> None:
@@ -188,7 +285,7 @@ class Registry:
         Returns:
             The decision and the previous champion's version (None if there was none).
         """
-        with self.locked():
+        with self.locked(name):
             current = self.by_alias(name, CHAMPION)
             if current is not None and str(current.version) == str(version):
                 decision = Decision(False, f"version {version} is already the champion")
@@ -207,10 +304,12 @@ class Registry:
     def rollback(self, name: str, to: str | None = None) -> tuple[str, str]:
         """Point ``champion`` back at ``to`` (default: the current champion's previous one).
 
+        Only a version that was champion before can be restored: one the gate rejected never is.
+
         Returns:
             (version demoted, version now champion).
         """
-        with self.locked():
+        with self.locked(name):
             current = self.by_alias(name, CHAMPION)
             if current is None:
                 raise ValueError(f"{name} has no champion to roll back")
@@ -218,7 +317,13 @@ class Registry:
             if not target:
                 raise ValueError(f"{name} v{current.version} records no previous champion; "
                                  "name one with --to VERSION")
-            self.client.get_model_version(name, target)  # raises if it does not exist
+            if str(target) == str(current.version):
+                raise ValueError(f"{name} v{target} is already the champion")
+            restored = self.client.get_model_version(name, target)  # raises if it does not exist
+            if restored.tags.get("promotion.decision") != "champion":
+                raise ValueError(f"{name} v{target} was never champion "
+                                 f"({restored.tags.get('promotion.reason', 'no promotion recorded')}); "
+                                 "only a former champion can be restored")
             self.client.set_registered_model_alias(name, CHAMPION, target)
             stamp = str(int(time.time()))
             self.client.set_model_version_tag(name, current.version, "rolled_back", stamp)
@@ -234,7 +339,9 @@ class Registry:
             "aliases": {alias: str(v) for alias, v in model.aliases.items()},
             "versions": [{"version": v.version, "decision": v.tags.get("promotion.decision", ""),
                           "reason": v.tags.get("promotion.reason", ""),
-                          "previous_champion": v.tags.get("previous_champion", "")}
+                          "previous_champion": v.tags.get("previous_champion", ""),
+                          "rolled_back": v.tags.get("rolled_back", ""),
+                          "restored_from": v.tags.get("restored_from", "")}
                          for v in sorted(versions, key=lambda v: int(v.version))],
         }
 
@@ -340,7 +447,7 @@ def registered_model(context: AssetExecutionContext, config: PromotionSettings, 
     """Register bootstrapped_med, alias it challenger, and maybe champion; record why."""
     with storage.local_dir(downstream_evals.key) as folder:
         report = json.loads((folder / "report.json").read_text())
-    challenger, baseline = report["bootstrapped"], report.get("baseline")
+    challenger, baseline = report.get("bootstrapped") or {}, report.get("baseline")
     problems = blocking_check_problems(context, config.required_checks)
     registry = registry_for(mlflow)
     with mlflow.start_run(context, "registered_model") as run:
