@@ -1,18 +1,27 @@
 """Checkpoint folders: ``config.json``, ``model.safetensors``, ``tokenizer/``, ``trainer_state/``.
 
-Weights are always safetensors. The optimizer state is a ``torch.save`` of tensors and numbers
-that we wrote ourselves and still load with ``weights_only=True``. Every write is atomic, so a
-reader never sees half a checkpoint.
+Nothing we write is a pickle: weights are safetensors, and so is the optimizer / scheduler / RNG
+state (its tensors, with the rest as JSON in the file's metadata). Every write is atomic and
+fsynced, so a reader (or a run resumed after a kill) never sees half a checkpoint; what a killed
+writer leaves behind is dot-named, ignored, and removed by :func:`remove_leftovers`. Files from
+elsewhere are refused with a ``ValueError`` when they are not what they claim to be.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import pickle
+import re
 import shutil
+import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from blip_core.config import BlipConfig, from_dict, to_dict
@@ -24,6 +33,12 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 STATE_DIR = "trainer_state"
+OPTIMIZER_FILE = "optimizer.safetensors"
+PROGRESS_FILE = "state.json"
+_LEGACY_OPTIMIZER_FILE = "optimizer.pt"  # trainer states written before OPTIMIZER_FILE
+# Dot-named temporary / replaced / doomed entries of the atomic writers (blip_core.io, below),
+# and the temporary file safetensors itself writes beside its target (Rust tempfile: .tmpXXXXXX).
+_LEFTOVER = re.compile(r"^\..+\.(tmp|old|del)(-.*)?$|^\.tmp[A-Za-z0-9]{6}$")
 
 
 def state_dict_for_saving(model: BlipModel) -> dict[str, torch.Tensor]:
@@ -31,11 +46,29 @@ def state_dict_for_saving(model: BlipModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_weights(model: BlipModel, path: Path) -> None:
-    """Write the model's state as safetensors, atomically (temp file + rename)."""
+    """Write the model's state as safetensors, atomically (temp file + fsync + rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
+    _fsync(tmp)
     tmp.replace(path)
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; ``ValueError`` when it is not a valid one."""
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"refusing {path}: not a valid safetensors file ({err})") from None
 
 
 def save_checkpoint(out: str | Path, model: BlipModel, tokenizer: Any, meta: dict) -> Path:
@@ -66,8 +99,29 @@ def read_config(path: str | Path) -> tuple[BlipConfig, dict]:
         raise FileNotFoundError(
             f"{path} is not a complete checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
-    data = json.loads((path / CONFIG_FILE).read_text())
-    return from_dict(BlipConfig, data["model"]), data.get("meta", {})
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text())
+        cfg = from_dict(BlipConfig, data["model"])
+        _check_types(cfg)
+    except (ValueError, TypeError, KeyError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"refusing {path / CONFIG_FILE}: not a model config "
+                         f"({type(err).__name__}: {err})") from None
+    return cfg, data.get("meta", {})
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field of a (nested) config dataclass holds a value of its declared type."""
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise TypeError(f"{type(cfg).__name__}.{name} is not of type {hint.__name__}: {value!r:.80}")
+            _check_types(value)
+        elif hint in (bool, int, float, str):
+            allowed = (int, float) if hint is float else hint  # a hand-written 1 is a float too
+            if not isinstance(value, allowed) or (hint is not bool and isinstance(value, bool)):
+                raise TypeError(f"{type(cfg).__name__}.{name} is not of type {hint.__name__}: "
+                                f"{value!r:.80}")
 
 
 def load_model(
@@ -85,8 +139,7 @@ def load_model(
 
         cfg = replace(cfg, vision=replace(cfg.vision, image_size=image_size))
     model = BlipModel(cfg)
-    state = load_file(str(Path(path) / WEIGHTS_FILE), device=map_location)
-    load_state(model, state)
+    load_state(model, load_tensors(Path(path) / WEIGHTS_FILE, device=map_location))
     return model
 
 
@@ -97,12 +150,30 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     return load_model(path).to(device).eval(), load_tokenizer(Path(path) / TOKENIZER_DIR)
 
 
+def check_fits(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Each tensor of ``state`` has the shape and kind (floating point or integer) of ``target``'s.
+
+    Floating-point precisions may differ (an fp16 file loads into an fp32 model); a float weight
+    stored as integers, or a counter stored as floats, is refused rather than silently cast.
+    """
+    for name, tensor in state.items():
+        want = target.get(name)
+        if want is None:
+            continue
+        if tensor.shape != want.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(want.shape)}")
+        if tensor.dtype != want.dtype and (tensor.is_floating_point() != want.is_floating_point()
+                                           or tensor.dtype == torch.bool or tensor.is_complex()):
+            raise ValueError(f"{name}: dtype {tensor.dtype} does not fit {want.dtype}")
+
+
 def load_state(model: BlipModel, state: dict[str, torch.Tensor]) -> None:
     """Load a full state dict strictly, resampling ViT position embeddings when sizes differ."""
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
         if key in state:
             v = model.cfg.vision
             state[key] = resize_pos_embed(state[key], v.image_size, v.patch_size)
+    check_fits(model.state_dict(), state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing={missing[:8]}, "
@@ -122,8 +193,12 @@ def save_trainer_state(
 ) -> Path:
     """Write ``out/trainer_state/step_{step:07d}/`` atomically and prune older ones.
 
+    The folder is built under a dot-name, fsynced and renamed into place; pruned folders are
+    renamed to a dot-name before they are deleted. A visible ``step_*`` folder is always whole.
+
     Args:
-        optim_state: optimizer / scheduler state dicts and RNG tensors (``weights_only`` safe).
+        optim_state: optimizer / scheduler state dicts and RNG tensors: tensors, numbers,
+            strings, None and (nested) dicts, lists and tuples of them.
         state: JSON-able progress (step, epoch, position in epoch, history, Python/NumPy RNG).
     """
     root = Path(out) / STATE_DIR
@@ -131,22 +206,104 @@ def save_trainer_state(
     final = root / f"step_{step:07d}"
     with atomic_dir(final) as tmp:
         save_file(state_dict_for_saving(model), str(tmp / WEIGHTS_FILE))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
+        tensors: dict[str, torch.Tensor] = {}
+        tree = _flatten(optim_state, tensors)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"state": json.dumps(tree)})
+        (tmp / PROGRESS_FILE).write_text(json.dumps(state))
+        for name in (WEIGHTS_FILE, OPTIMIZER_FILE, PROGRESS_FILE):
+            _fsync(tmp / name)
     for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = Path(tempfile.mkdtemp(prefix=f".{old.name}.del-", dir=root))
+        os.replace(old, doomed / old.name)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON with its tensors moved to ``tensors`` (dicts keep non-string keys)."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {"dict": [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"tuple": [_flatten(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a trainer state")
+
+
+def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`_flatten`."""
+    if isinstance(tree, list):
+        return [_unflatten(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    (kind, value), = tree.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "tuple":
+        return tuple(_unflatten(v, tensors) for v in value)
+    return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in value}
+
+
+def _is_complete(folder: Path) -> bool:
+    names = {WEIGHTS_FILE, PROGRESS_FILE}
+    return all((folder / n).is_file() for n in names) and any(
+        (folder / n).is_file() for n in (OPTIMIZER_FILE, _LEGACY_OPTIMIZER_FILE))
+
+
 def latest_trainer_state(out: str | Path) -> Path | None:
-    """The newest complete ``trainer_state/step_*`` folder, or None."""
-    root = Path(out) / STATE_DIR
-    done = [p for p in sorted(root.glob("step_*")) if (p / "state.json").is_file()]
+    """The newest complete ``trainer_state/step_*`` folder, or None (dot-named ones are ignored)."""
+    done = [p for p in sorted((Path(out) / STATE_DIR).glob("step_*")) if _is_complete(p)]
     return done[-1] if done else None
 
 
+def remove_leftovers(out: str | Path) -> list[str]:
+    """Delete what killed atomic writers left in ``out`` and ``out/trainer_state``.
+
+    Only dot-named temporary (``.tmp``), replaced (``.old-``) and pruned (``.del-``) entries are
+    touched, and safetensors' own ``.tmpXXXXXX``; nothing that was ever visible under its own
+    name. Returns the names removed.
+    """
+    removed = []
+    for root in (Path(out), Path(out) / STATE_DIR):
+        for entry in sorted(root.glob(".*")) if root.is_dir() else []:
+            if _LEFTOVER.match(entry.name):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+    return removed
+
+
 def load_trainer_state(path: Path, model: BlipModel) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights into ``model``; return (optimizer state, progress state)."""
-    load_state(model, load_file(str(path / WEIGHTS_FILE)))
-    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    return optim_state, json.loads((path / "state.json").read_text())
+    """Load weights into ``model``; return (optimizer state, progress state).
+
+    Raises:
+        ValueError: a file of the folder is not what we write (never unpickled beyond what
+            ``torch.load(weights_only=True)`` allows for the older ``optimizer.pt``).
+    """
+    path = Path(path)
+    load_state(model, load_tensors(path / WEIGHTS_FILE))
+    if (path / OPTIMIZER_FILE).is_file():
+        tensors = load_tensors(path / OPTIMIZER_FILE)
+        try:
+            with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
+                tree = json.loads((f.metadata() or {})["state"])
+            optim_state = _unflatten(tree, tensors)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"refusing {path / OPTIMIZER_FILE}: not a trainer state "
+                             f"({type(err).__name__}: {err})") from None
+    else:
+        try:
+            optim_state = torch.load(path / _LEGACY_OPTIMIZER_FILE, map_location="cpu",
+                                     weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as err:
+            raise ValueError(f"refusing {path / _LEGACY_OPTIMIZER_FILE}: not a plain tensor file "
+                             f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})") from None
+    return optim_state, json.loads((path / PROGRESS_FILE).read_text())

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from blip_core.checkpoint import check_fits, load_tensors
 from blip_core.config import (
     DEC_TOKEN_ID,
     PAD_TOKEN_ID,
@@ -278,14 +279,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         ValueError: the file holds anything but tensors and plain containers (it is never
-            unpickled beyond what ``weights_only=True`` allows), or its weights are not a
-            name -> tensor mapping.
+            unpickled beyond what ``weights_only=True`` allows), its weights are not a
+            name -> tensor mapping, or a ``.safetensors`` file is malformed.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return load_tensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as err:
@@ -404,9 +403,7 @@ def from_official(
                 if source in ours or source in target:
                     ours[name] = ours.get(source, target[source])
     absent = [k for k in target if k not in ours]  # after the twins: copies count as present
-    for name, tensor in ours.items():
-        if name in target and target[name].shape != tensor.shape:
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit {tuple(target[name].shape)}")
+    check_fits(target, ours)  # shapes, and no float weight stored as integers (or the reverse)
     model.load_state_dict({**target, **ours})
     return model.eval(), absent
 

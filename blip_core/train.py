@@ -26,6 +26,7 @@ from blip_core.checkpoint import (
     latest_trainer_state,
     load_model,
     load_trainer_state,
+    remove_leftovers,
     save_checkpoint,
     save_trainer_state,
 )
@@ -264,6 +265,8 @@ def train(cfg: TrainConfig, on_log: LogFn | None = None) -> TrainResult:
 
     step, history, resumed_from = 0, [], None
     window: list[dict[str, float]] = []  # loss terms since the last log row
+    if info.is_main:  # what a killed run left half-written: never read, deleted here
+        remove_leftovers(cfg.out)
     state_path = latest_trainer_state(cfg.out) if cfg.resume else None
     if state_path is not None:
         optim_state, progress = load_trainer_state(state_path, model)
@@ -274,6 +277,9 @@ def train(cfg: TrainConfig, on_log: LogFn | None = None) -> TrainResult:
         window = progress["window"]
         if info.is_main:
             print(f"resuming {cfg.out} at step {step} from {state_path.name}", flush=True)
+            if cfg.num_workers > 0 and cfg.train_augment:
+                print("note: with DataLoader workers the resumed run's augmentations differ from an "
+                      "uninterrupted run's (exact resume needs num_workers=0)", flush=True)
 
     ddp_model: torch.nn.Module = model
     if info.world_size > 1:
@@ -340,7 +346,8 @@ def train(cfg: TrainConfig, on_log: LogFn | None = None) -> TrainResult:
                 break
     if progress_bar is not None:
         progress_bar.close()
-    checkpoint_now()
+    if step != resumed_from:  # a run resumed at its last step has that state on disk already
+        checkpoint_now()
     if info.is_main:
         save_checkpoint(cfg.out, model, tokenizer, meta={
             "task": cfg.task, "steps": step, "train_config": to_dict(cfg),
