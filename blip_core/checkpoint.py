@@ -213,10 +213,15 @@ def save_trainer_state(
         for name in (WEIGHTS_FILE, OPTIMIZER_FILE, PROGRESS_FILE):
             _fsync(tmp / name)
     for old in sorted(root.glob("step_*"))[:-keep]:
-        doomed = Path(tempfile.mkdtemp(prefix=f".{old.name}.del-", dir=root))
-        os.replace(old, doomed / old.name)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _delete(old)
     return final
+
+
+def _delete(folder: Path) -> None:
+    """Rename ``folder`` to a dot-name, then delete it: a kill half way leaves nothing visible."""
+    doomed = Path(tempfile.mkdtemp(prefix=f".{folder.name}.del-", dir=folder.parent))
+    os.replace(folder, doomed / folder.name)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -260,6 +265,19 @@ def latest_trainer_state(out: str | Path) -> Path | None:
     """The newest complete ``trainer_state/step_*`` folder, or None (dot-named ones are ignored)."""
     done = [p for p in sorted((Path(out) / STATE_DIR).glob("step_*")) if _is_complete(p)]
     return done[-1] if done else None
+
+
+def clear_trainer_states(out: str | Path) -> int:
+    """Delete the ``trainer_state/step_*`` folders of an earlier run (each renamed aside first).
+
+    A fresh run writing into ``out`` calls this: kept, an earlier run's later steps would
+    outrank the new run's in the rotation and in :func:`latest_trainer_state`.
+    Returns how many were deleted.
+    """
+    old = sorted((Path(out) / STATE_DIR).glob("step_*"))
+    for folder in old:
+        _delete(folder)
+    return len(old)
 
 
 def remove_leftovers(out: str | Path) -> list[str]:

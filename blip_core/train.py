@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from blip_core.checkpoint import (
+    clear_trainer_states,
     latest_trainer_state,
     load_model,
     load_trainer_state,
@@ -267,6 +268,9 @@ def train(cfg: TrainConfig, on_log: LogFn | None = None) -> TrainResult:
     window: list[dict[str, float]] = []  # loss terms since the last log row
     if info.is_main:  # what a killed run left half-written: never read, deleted here
         remove_leftovers(cfg.out)
+        if not cfg.resume and (cleared := clear_trainer_states(cfg.out)):
+            print(f"fresh run: deleted {cleared} trainer state(s) of an earlier run in {cfg.out}",
+                  flush=True)
     state_path = latest_trainer_state(cfg.out) if cfg.resume else None
     if state_path is not None:
         optim_state, progress = load_trainer_state(state_path, model)

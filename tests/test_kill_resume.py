@@ -190,3 +190,23 @@ def test_a_kill_while_old_states_are_pruned_leaves_only_whole_ones(tmp_path):
         _assert_complete(out / STATE_DIR / f"step_{step:07d}", probe)
     assert _steps(out) == [4, 6]
     assert latest_trainer_state(out).name == "step_0000006"
+
+
+def test_a_fresh_run_in_an_old_run_folder_never_resumes_the_old_state(tiny_world, tmp_path):
+    """Without ``--resume`` the states of an earlier, longer run in ``out`` are not kept: else the
+    rotation would prune the new run's states first and a later ``--resume`` take up the old run."""
+    from blip_core.config import TrainConfig
+    from blip_core.train import train
+
+    out, threads = tmp_path / "run", torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = dict(data=(str(tiny_world / "web"),), out=str(out), batch_size=8, warmup_steps=1,
+                    progress=False)
+        train(TrainConfig(**base, max_steps=6, save_every=2, seed=1))  # the old run: states 4, 6
+        train(TrainConfig(**base, max_steps=2, save_every=1, seed=2))  # a new one: states 1, 2
+    finally:
+        torch.set_num_threads(threads)
+    assert _steps(out) == [1, 2]
+    _, progress = load_trainer_state(latest_trainer_state(out), BlipModel(model_preset("tiny")))
+    assert progress["config"]["seed"] == 2 and progress["step"] == 2
