@@ -5,5 +5,8 @@ from __future__ import annotations
 import os
 
 for _key, _value in (("DAGSTER_DISABLE_TELEMETRY", "true"), ("GX_ANALYTICS_ENABLED", "false"),
-                     ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "1")):
+                     ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "1"),
+                     # MLflow prints "View run at <tracking URI>" (password included) to stdout,
+                     # which Dagster captures into the run's logs: the asset metadata has the link.
+                     ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
     os.environ.setdefault(_key, _value)

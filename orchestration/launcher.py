@@ -10,6 +10,10 @@ Every launcher runs the same command line (:func:`training_command`):
   namespace, service account, node selector, tolerations, a memory-backed ``/dev/shm``, AWS
   credentials from a Secret (never inlined), ``torchrun`` across the pod's GPUs, data on S3.
 
+Credentials never appear in a launcher's configuration: a local subprocess inherits them from
+the environment (the standard chains), a pod reads them from a Secret by reference. ``env``
+holds plain settings only; a secret-looking name or a URI with a password in it is refused.
+
 Metrics come back as Pipes messages (per-step rows) and the materialisation as Pipes
 materialisation metadata; both land in :class:`LaunchResult`. Per-step rows of a Pipes launch
 are replayed into ``on_log`` (so into MLflow, with their step numbers) when the process ends;
@@ -19,6 +23,7 @@ they also appear live as Dagster log lines.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -34,6 +39,9 @@ LogFn = Callable[[int, dict[str, float]], None]
 TRAIN_MODULE = "orchestration.pipes_train"
 SHM_VOLUME = "dshm"
 AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+SECRET_ENV = re.compile(r"(^|_)(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIALS?|PRIVATE|ACCESS_KEY|API_KEY)(_|$)",
+                        re.IGNORECASE)
+"""Names of environment variables that hold credentials (``TOKENIZERS_PARALLELISM`` does not)."""
 
 
 @dataclass
@@ -66,6 +74,18 @@ def train_argv(cfg: TrainConfig) -> list[str]:
         if value != getattr(defaults, f.name):
             argv.append(f"{f.name}={'none' if value is None else value}")
     return argv + (["--data", *cfg.data] if cfg.data else [])  # last: --data takes the rest
+
+
+def plain_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` if it holds no credentials, else ValueError naming the variable (not its value)."""
+    from orchestration.mlflow_resource import redact_uri
+
+    for key, value in env.items():
+        if SECRET_ENV.search(key) or redact_uri(value) != value:
+            raise ValueError(f"launcher env {key!r} looks like a credential: it would be stored in "
+                             "the resource config (and a pod spec) in clear; leave it in the "
+                             "environment (local) or reference a Secret (aws_secret, Kubernetes)")
+    return dict(env)
 
 
 def training_command(cfg: TrainConfig, nproc_per_node: int | str = 1, python: str = "python",
@@ -132,7 +152,7 @@ class LocalLauncher(TrainingLauncher):
             return LaunchResult(checkpoint=result.checkpoint, steps=result.steps,
                                 seconds=result.seconds, history=result.history,
                                 metadata={"checkpoint": result.checkpoint, "steps": result.steps})
-        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **self.env}
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **plain_env(self.env)}
         client = PipesSubprocessClient(env=env, cwd=self.cwd or os.getcwd())
         invocation = client.run(context=context, command=self.command(cfg))
         return _collect(invocation, cfg, on_log)
@@ -203,7 +223,7 @@ def build_pod_spec(command: list[str], cfg: K8sLauncher) -> dict[str, Any]:
         env.append({"name": "AWS_ENDPOINT_URL", "value": cfg.s3_endpoint_url})
     if cfg.aws_region:
         env.append({"name": "AWS_DEFAULT_REGION", "value": cfg.aws_region})
-    env += [{"name": k, "value": v} for k, v in sorted(cfg.env.items())]
+    env += [{"name": k, "value": v} for k, v in sorted(plain_env(cfg.env).items())]
     resources = {"nvidia.com/gpu": str(cfg.gpus), "cpu": cfg.cpu, "memory": cfg.memory}
     container = {
         "name": "train",
