@@ -300,7 +300,8 @@ def test_resources_from_the_environment_hold_no_credentials(tmp_path: Path, monk
         monkeypatch.setenv(key, value)
     storage = storage_from_env()
     assert storage.client.meta.endpoint_url == "http://127.0.0.1:9"  # the boto3 client holds the keys
-    resources = build_resources(storage, str(tmp_path / "data"), launcher=launcher_from_env())
+    resources = build_resources(storage, str(tmp_path / "data"))  # the deployment's launcher
+    assert isinstance(resources["launcher"], K8sLauncher)
     snapshot = serialize_value(RepositorySnap.from_def(
         Definitions(assets=list(ALL_ASSETS), asset_checks=list(ALL_CHECKS), resources=resources)
         .get_repository_def()))
