@@ -7,6 +7,9 @@ import functools
 import hashlib
 import io
 import json
+import os
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -83,11 +86,19 @@ def reusable(context: Any, storage: StorageResource, asset: str, ident: str) -> 
     """The asset's published dataset when it was made from exactly ``ident`` (else None).
 
     Re-materialising with the same code, config and inputs then costs nothing: the output is
-    deterministic, so the published one is the answer (and keeps its data version).
+    deterministic, so the published one is the answer (and keeps its data version). An asset
+    tracked in MLflow (an ``mlflow`` resource) reuses it only if a FINISHED run logged it: one
+    published while the store went down is made again (training resumes from its work folder),
+    so that its run, metrics and model reach the store.
     """
     key = dataset_key([asset])
     marker = storage.marker(key)
     if marker is None or marker.get("identity") != ident:
+        return None
+    tracking = getattr(context.resources, "mlflow", None)
+    if tracking is not None and not tracking.recorded(asset, str(marker["tree_hash"])):
+        context.log.warning(f"{asset}: {storage.uri(key)} has no finished MLflow run (the store was "
+                            "unreachable?); materialising it again")
         return None
     context.log.info(f"{asset}: {storage.uri(key)} was made from the same code, config and inputs; "
                      "reusing it")
@@ -96,9 +107,28 @@ def reusable(context: Any, storage: StorageResource, asset: str, ident: str) -> 
 
 @contextmanager
 def staging(storage: StorageResource) -> Iterator[Path]:
-    """A temporary local folder (beside the storage's work area) removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="stage-", dir=storage.scratch_dir("tmp")) as tmp:
+    """A temporary local folder (beside the storage's work area) removed afterwards.
+
+    Named after this host and process: those a killed process of this host left are removed here.
+    """
+    root = storage.scratch_dir("tmp")
+    own = f"stage-{socket.gethostname()}-"
+    for entry in root.glob(f"{own}*"):
+        pid = entry.name[len(own):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{own}{os.getpid()}-", dir=root) as tmp:
         yield Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 @contextmanager

@@ -139,6 +139,7 @@ def train_stage(context: AssetExecutionContext, tools: Tools, settings: TrainSet
                     run.log_step(step, row)
 
                 result = tools.launcher.train(context, cfg, on_log=on_log)
+                run.log_history(result.history)  # the steps a resumed training did not re-run
                 checkpoint = Path(result.checkpoint) if not remote else \
                     stack.enter_context(storage.local_dir(f"work/{work_key}/checkpoint", complete_only=False))
                 ds = publish(storage, asset_name, checkpoint, exclude=("trainer_state",), move=False,

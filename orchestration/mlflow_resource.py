@@ -8,8 +8,12 @@ leaves runs open.
 Where runs go: ``tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the embedded default
 ``sqlite:///DATA/mlflow/mlflow.db`` with artefacts in ``DATA/mlflow/artifacts`` (no server).
 The store is checked when the resource starts, before any training, and an unreachable one
-fails the step with :class:`MlflowUnavailableError`. Telemetry is switched off by the
-``orchestration`` package before MLflow is imported.
+fails the step with :class:`MlflowUnavailableError` within seconds (the client's HTTP retries are
+kept short: :data:`HTTP_DEFAULTS`). Once a run has started, an outage loses nothing: per-step
+metrics are kept in memory and sent when the store answers again (training never waits for it),
+and every other call waits for the store, with backoff, up to ``outage_wait_s`` before failing
+with :class:`MlflowUnavailableError`. Telemetry is switched off by the ``orchestration`` package
+before MLflow is imported.
 
 Usage inside an asset::
 
@@ -30,8 +34,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -54,6 +58,11 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 MODEL_REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "transformers", "safetensors",
                       "pillow", "pandas", "numpy", "pyyaml")
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""MLflow client HTTP settings unless the environment sets them: a refused request fails in ~3 s
+(MLflow's own defaults retry for ~4 minutes; :class:`TrackedRun` does the waiting instead)."""
+FLUSH_RETRY_S = 10.0  # seconds between attempts to send metrics kept back during an outage
 
 
 class MlflowUnavailableError(RuntimeError):
@@ -67,6 +76,42 @@ def redact_uri(uri: str) -> str:
         return uri
     netloc = parts.netloc.replace(f":{parts.password}@", f":{REDACTED}@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+_URI_PASSWORD = re.compile(r"(\w[\w+.-]*://[^\s/:@]+:)[^\s/@]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message) with the password of every URI in it replaced by ``***``."""
+    return _URI_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error``, or an error it wraps, says the tracking server could not be reached,
+    timed out, or kept answering 5xx/429 through the client's retries."""
+    import requests
+
+    gone = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)
+    seen: set[int] = set()
+    cur: BaseException | None = error
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, gone):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _unavailable(uri: str, error: BaseException, what: str, hint: str = "") -> MlflowUnavailableError:
+    """The error for a store that ``what``, naming it and the cause with passwords masked (raise it
+    ``from None``: the cause's own text shows the URI as given)."""
+    cause = redact_text(f"{type(error).__name__}: {error}")[:2000]
+    return MlflowUnavailableError(f"MLflow tracking store {redact_uri(uri)} {what} ({cause}).{hint}")
+
+
+def _http_defaults() -> None:
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def metric_key(name: str) -> str:
@@ -122,37 +167,117 @@ def model_requirements() -> list[str]:
 
 @dataclass
 class TrackedRun:
-    """One asset's MLflow run; every method logs to this run by id (no global state needed)."""
+    """One asset's MLflow run; every method logs to this run by id (no global state needed).
+
+    While the store is unreachable, metrics are kept back (:meth:`log_metrics`) and every other
+    call waits for it, with backoff, up to ``outage_wait_s`` (then :class:`MlflowUnavailableError`).
+    """
 
     run_id: str
     parent_run_id: str
     experiment_id: str
     tracking_uri: str
     client: MlflowClient = field(repr=False)
+    outage_wait_s: float = 60.0  # how long a call waits for an unreachable store
+    pending: list[Metric] = field(default_factory=list, init=False, repr=False)  # not yet sent
+    logged_steps: set[int] = field(default_factory=set, init=False, repr=False)  # by log_step
+    _next_flush: float = field(default=0.0, init=False, repr=False)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, repeated with backoff while the store is unreachable.
+
+        Raises:
+            MlflowUnavailableError: the store stayed unreachable for ``outage_wait_s``.
+        """
+        start = time.monotonic()
+        pause = 1.0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                waited = time.monotonic() - start
+                if waited + pause > self.outage_wait_s:
+                    raise _unavailable(self.tracking_uri, e, (
+                        f"unreachable for {waited:.0f} s; run {self.run_id} is incomplete "
+                        f"({len(self.pending)} metric values not logged)")) from None
+                time.sleep(pause)
+                pause = min(2 * pause, 10.0)
+
+    def answers(self) -> bool:
+        """Whether the store answers right now (a tracking server's ``/health``; others: True)."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return True
+        import requests
+
+        try:
+            return requests.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (flattened, redacted) parameters."""
         items = [Param(k, v) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.call(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def log_config(self, config: Any, name: str = "config.json") -> None:
         """Log a config as parameters and as a JSON artefact."""
         data = plain(config)
         self.log_params(data)
-        self.client.log_dict(self.run_id, redact(data), name)
+        self.call(self.client.log_dict, self.run_id, redact(data), name)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log numeric metrics (non-numbers skipped) at ``step``."""
+        """Log numeric metrics (non-numbers skipped) at ``step``.
+
+        Never waits for an unreachable store: the values are kept and sent by a later call once
+        it answers (tried every :data:`FLUSH_RETRY_S` seconds), at the latest when the run ends.
+        """
         now = int(time.time() * 1000)
-        rows = [Metric(metric_key(k), float(v), now, step or 0) for k, v in metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)]
-        for i in range(0, len(rows), 1000):
-            self.client.log_batch(self.run_id, metrics=rows[i : i + 1000])
+        self.pending += [Metric(metric_key(k), float(v), now, step or 0) for k, v in metrics.items()
+                         if isinstance(v, int | float) and not isinstance(v, bool)]
+        if time.monotonic() >= self._next_flush:
+            self.flush(wait=False)
+
+    def flush(self, wait: bool = True) -> None:
+        """Sends the metrics kept back.
+
+        Args:
+            wait: Wait for an unreachable store (see :meth:`call`); False: try once, and keep
+                them when it does not answer.
+        """
+        if not self.pending:
+            return
+        if wait:
+            self.call(self._send_pending)
+            return
+        try:
+            if self.answers():
+                self._send_pending()
+                return
+        except Exception as e:
+            if not unreachable(e):
+                raise
+        self._next_flush = time.monotonic() + FLUSH_RETRY_S
+
+    def _send_pending(self) -> None:
+        while self.pending:
+            batch = self.pending[:1000]  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=batch)
+            del self.pending[: len(batch)]
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """``on_log`` callback of ``blip_core.train.train``: per-step metrics."""
         self.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        self.logged_steps.add(step)
+
+    def log_history(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Logs the rows of a training history (``step`` and its terms) this run has not logged:
+        the steps a resumed training ran before a kill, or before an outage failed its first run."""
+        for row in history:
+            if int(row["step"]) not in self.logged_steps:
+                self.log_step(int(row["step"]), row)
 
     def log_dataset(
         self, name: str, source: str | os.PathLike[str], digest: str, context: str = "training",
@@ -177,8 +302,8 @@ class TrackedRun:
         dataset = MetaDataset(source_obj, name=name, digest=digest[:36])
         input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("digest", digest)]
         input_tags += [InputTag(k, str(v)) for k, v in (tags or {}).items()]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                                   input_tags)])
+        self.call(self.client.log_inputs, self.run_id,
+                  datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
 
     def log_model(
         self, checkpoint: str | os.PathLike[str], task: str, registered_model_name: str | None = None,
@@ -195,18 +320,22 @@ class TrackedRun:
         sig = signature_for(task)
         with tempfile.TemporaryDirectory(prefix="blip-model-") as tmp:
             weights, code = _stage_model_files(Path(checkpoint), Path(tmp))
-            with self._active(), _env(MLFLOW_LOG_UV_FILES="false"):  # no repo lock file inside
-                return mlflow.pyfunc.log_model(
-                    name=name,
-                    python_model=str(MODEL_CODE),
-                    artifacts={"checkpoint": str(weights)},
-                    code_paths=[str(code)],
-                    model_config={"blip_task": task},
-                    signature=sig,
-                    pip_requirements=model_requirements(),
-                    registered_model_name=registered_model_name,
-                    tags={"task": task},
-                )
+
+            def log() -> ModelInfo:
+                with self._active(), _env(MLFLOW_LOG_UV_FILES="false"):  # no repo lock file inside
+                    return mlflow.pyfunc.log_model(
+                        name=name,
+                        python_model=str(MODEL_CODE),
+                        artifacts={"checkpoint": str(weights)},
+                        code_paths=[str(code)],
+                        model_config={"blip_task": task},
+                        signature=sig,
+                        pip_requirements=model_requirements(),
+                        registered_model_name=registered_model_name,
+                        tags={"task": task},
+                    )
+
+            return self.call(log)
 
     @contextmanager
     def _active(self) -> Iterator[None]:
@@ -219,7 +348,7 @@ class TrackedRun:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self.call(self.client.set_tag, self.run_id, key, str(value))
 
     def metadata(self) -> dict[str, str]:
         """Asset metadata pointing at this run."""
@@ -289,6 +418,7 @@ class MlflowResource(ConfigurableResource):
     artifact_location: str = ""  # new experiment's artefact root ("" -> DATA/mlflow/artifacts)
     experiment: str = "blip-ops"  # experiment holding every run
     connect_timeout_s: float = 10.0  # reachability check of a tracking server
+    outage_wait_s: float = 60.0  # how long a started run waits for an unreachable store
 
     _experiment_id: str | None = PrivateAttr(default=None)
 
@@ -320,8 +450,8 @@ class MlflowResource(ConfigurableResource):
         """
         if self._experiment_id is not None:
             return self._experiment_id
+        _http_defaults()
         uri = self.resolved_tracking_uri()
-        shown = redact_uri(uri)
         try:
             if uri.startswith("sqlite:///"):
                 Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -338,11 +468,9 @@ class MlflowResource(ConfigurableResource):
             else:
                 exp_id = exp.experiment_id
         except Exception as e:
-            raise MlflowUnavailableError(
-                f"MLflow tracking store {shown} is not usable ({type(e).__name__}: {e}). Start the "
-                "server (mlflow/start_server.sh), fix MLFLOW_TRACKING_URI, or unset it to use the "
-                "embedded SQLite store under the data folder."
-            ) from e
+            raise _unavailable(uri, e, "is not usable", (
+                " Start the server (mlflow/start_server.sh), fix MLFLOW_TRACKING_URI, or unset it to "
+                "use the embedded SQLite store under the data folder.")) from None
         self._experiment_id = exp_id
         return exp_id
 
@@ -373,34 +501,62 @@ class MlflowResource(ConfigurableResource):
         """A child MLflow run for this asset under the Dagster run's parent run.
 
         Ended FINISHED on success, FAILED on an exception, KILLED on an interrupt (re-raised).
+
+        Raises:
+            MlflowUnavailableError: the store is unreachable as the run starts (the asset has not
+                started its work yet: nothing is lost).
         """
         client, exp_id = self.client(), self.connect()
         dagster_run_id = _run_id(context)
         job_name = _job_name(context)
-        parent = self.parent_run_id(dagster_run_id, job_name)
         asset = _asset_name(context)
-        run_tags = {MLFLOW_PARENT_RUN_ID: parent, ROLE_TAG: "asset", DAGSTER_RUN_TAG: dagster_run_id,
-                    "dagster_asset": asset, "dagster_job": job_name}
-        partition = _partition_key(context)
-        if partition:
-            run_tags["dagster_partition"] = partition
-        run_tags.update(tags or {})
-        run = client.create_run(exp_id, run_name=name or asset, tags=run_tags)
-        client.update_run(parent, status="RUNNING")
-        tracked = TrackedRun(run.info.run_id, parent, exp_id, self.resolved_tracking_uri(), client)
-        status = "FAILED"
+        with self._unreachable_is_clear():
+            parent = self.parent_run_id(dagster_run_id, job_name)
+            run_tags = {MLFLOW_PARENT_RUN_ID: parent, ROLE_TAG: "asset", DAGSTER_RUN_TAG: dagster_run_id,
+                        "dagster_asset": asset, "dagster_job": job_name}
+            partition = _partition_key(context)
+            if partition:
+                run_tags["dagster_partition"] = partition
+            run_tags.update(tags or {})
+            run = client.create_run(exp_id, run_name=name or asset, tags=run_tags)
+            client.update_run(parent, status="RUNNING")
+        tracked = TrackedRun(run.info.run_id, parent, exp_id, self.resolved_tracking_uri(), client,
+                             outage_wait_s=self.outage_wait_s)
         try:
             yield tracked
-            status = "FINISHED"
+        except BaseException as e:  # KILLED: interrupted (Ctrl-C, Dagster termination)
+            status = "FAILED" if isinstance(e, Exception) else "KILLED"
+            if tracked.answers():  # best effort: the asset's own error must not be masked
+                with suppress(Exception):
+                    tracked.flush(wait=False)
+                    if status == "FAILED":
+                        client.set_tag(run.info.run_id, "error",
+                                       redact_text(f"{type(e).__name__}: {e}")[:5000])
+                    client.set_terminated(run.info.run_id, status)
+                    self._summarise_parent(client, exp_id, parent)
+            raise
+        tracked.flush()  # the run succeeded: wait for the store rather than lose its metrics
+        tracked.call(client.set_terminated, run.info.run_id, "FINISHED")
+        tracked.call(self._summarise_parent, client, exp_id, parent)
+
+    def recorded(self, asset: str, data_version: str) -> bool:
+        """Whether a FINISHED run of ``asset`` logged the output ``data_version`` (tag)."""
+        query = (f"tags.dagster_asset = '{asset}' and tags.data_version = '{data_version}' "
+                 "and attributes.status = 'FINISHED'")
+        exp_id = self.connect()
+        with self._unreachable_is_clear():
+            return bool(self.client().search_runs([exp_id], query, max_results=1))
+
+    @contextmanager
+    def _unreachable_is_clear(self) -> Iterator[None]:
+        """An unreachable store raises :class:`MlflowUnavailableError` naming it, password masked
+        (the client's own message shows the URI as given)."""
+        try:
+            yield
         except Exception as e:
-            client.set_tag(run.info.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-            raise
-        except BaseException:  # interrupted (Ctrl-C, Dagster termination)
-            status = "KILLED"
-            raise
-        finally:
-            client.set_terminated(run.info.run_id, status)
-            self._summarise_parent(client, exp_id, parent)
+            if not unreachable(e):
+                raise
+            raise _unavailable(self.resolved_tracking_uri(), e, "unreachable") from None
 
     def _summarise_parent(self, client: MlflowClient, exp_id: str, parent: str) -> None:
         children = client.search_runs([exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'")

@@ -19,6 +19,7 @@ The data version of a dataset is its ``blip_core.io.tree_hash``, the same on bot
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -77,6 +78,19 @@ def _fill(src: Path, dest: Path, move: bool, exclude: tuple[str, ...]) -> None:
             shutil.copytree(entry, dest / entry.name)
         else:
             shutil.copy2(entry, dest / entry.name)
+
+
+def _sweep_leftovers(final: Path) -> list[str]:
+    """Removes what killed writers of ``final`` left beside it: ``atomic_dir``'s hidden temporary
+    (``.NAME.tmp-*``) and replaced (``.NAME.old-*``) folders, never read by anyone. Called once
+    ``final`` is complete, so a writer racing for the same dataset fails loudly at worst."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-[^/]+")
+    removed = []
+    for entry in final.parent.glob(f".{final.name}.*"):
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def _marker_for(folder: Path) -> dict[str, Any]:
@@ -215,6 +229,7 @@ class LocalStorage(StorageResource):
             _fill(Path(local), tmp, move, exclude)
             marker = _marker_for(tmp) | (info or {})
             atomic_write_json(tmp / MARKER, marker)
+        _sweep_leftovers(self.path(key))
         return str(marker["tree_hash"])
 
     def scratch_dir(self, key: str) -> Path:
@@ -246,7 +261,12 @@ class S3Storage(StorageResource):
     region: str | None = Field(default=None, description="region; default: the boto3 chain")
     cache_dir: str = Field(default_factory=_default_cache,
                            description="local cache of downloaded datasets and work folders")
-    max_attempts: int = Field(default=8, description="attempts per request (with backoff)")
+    max_attempts: int = Field(
+        default=10, description="attempts per request, the first included; retries back off "
+        "exponentially with jitter (botocore standard mode: 10 attempts ride out ~10-15 s of refused "
+        "connections; each slow answer costs read_timeout_s)")
+    connect_timeout_s: float = Field(default=10.0, description="seconds to open a connection")
+    read_timeout_s: float = Field(default=60.0, description="seconds to wait for a response")
 
     _client: Any = PrivateAttr(default=None)
 
@@ -257,8 +277,8 @@ class S3Storage(StorageResource):
             import boto3
             from botocore.config import Config as BotoConfig
 
-            cfg = BotoConfig(retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                             connect_timeout=10, read_timeout=60)
+            cfg = BotoConfig(retries={"total_max_attempts": self.max_attempts, "mode": "standard"},
+                             connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s)
             endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
             self._client = boto3.session.Session().client(
                 "s3", endpoint_url=endpoint, region_name=self.region, config=cfg
@@ -273,14 +293,19 @@ class S3Storage(StorageResource):
 
     @contextlib.contextmanager
     def _errors(self, what: str, key: str) -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as EndpointError
 
         try:
             yield
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "?")
             raise StorageError(f"{what} {self.uri(key)} failed: {code}: {e}") from e
-        except BotoCoreError as e:
+        except (EndpointError, HTTPClientError) as e:  # refused, reset, timed out: retried
+            raise StorageError(f"{what} {self.uri(key)} failed: endpoint unreachable or too slow "
+                               f"after up to {self.max_attempts} attempts with backoff: {e}") from e
+        except (BotoCoreError, Boto3Error) as e:  # Boto3Error: S3UploadFailedError wraps ClientError
             raise StorageError(f"{what} {self.uri(key)} failed: {e}") from e
 
     def _get_bytes(self, key: str) -> bytes | None:
@@ -342,6 +367,7 @@ class S3Storage(StorageResource):
                         f"{marker['tree_hash']} (rewritten while reading? try again)"
                     )
                 atomic_write_json(tmp / MARKER, marker)
+        _sweep_leftovers(cached)
         yield cached
 
     @contextlib.contextmanager
@@ -402,6 +428,7 @@ class S3Storage(StorageResource):
                                        Body=json.dumps(marker).encode(),
                                        ContentType="application/json")
             atomic_write_json(view / MARKER, marker)
+        _sweep_leftovers(self._cache_path("datasets", _check_key(key)))
         return str(marker["tree_hash"])
 
     def scratch_dir(self, key: str) -> Path:
