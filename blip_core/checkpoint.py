@@ -80,6 +80,10 @@ def save_checkpoint(out: str | Path, model: BlipModel, tokenizer: Any, meta: dic
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).unlink(missing_ok=True)  # incomplete until rewritten below
     save_weights(model, out / WEIGHTS_FILE)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # else the last call's truncation / padding lands in tokenizer.json,
+        backend.no_truncation()  # and a resumed run that encoded nothing saves other bytes
+        backend.no_padding()
     with atomic_dir(out / TOKENIZER_DIR) as tmp:
         tokenizer.save_pretrained(str(tmp))
     atomic_write_json(out / CONFIG_FILE, {"model": to_dict(model.cfg), "meta": meta})
