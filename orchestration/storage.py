@@ -36,7 +36,7 @@ from dagster import (
 )
 from pydantic import Field, PrivateAttr
 
-from blip_core.io import atomic_dir, atomic_write_json, tree_hash
+from blip_core.io import atomic_dir, atomic_write_json, safe_member_path, tree_hash
 
 MARKER = ".complete.json"
 """Completion marker of a published dataset (hidden: ``tree_hash`` ignores it)."""
@@ -338,7 +338,9 @@ class S3Storage(StorageResource):
         return None if data is None else json.loads(data)
 
     def _cache_path(self, *parts: str) -> Path:
-        return Path(self.cache_dir).resolve() / self.bucket / self.prefix.strip("/") / Path(*parts)
+        root = Path(self.cache_dir).resolve()
+        inside = "/".join(p.strip("/") for p in (self.bucket, self.prefix, *parts) if p.strip("/"))
+        return safe_member_path(root, inside)  # a bucket, prefix or key with '..' cannot climb out
 
     @contextlib.contextmanager
     def local_dir(self, key: str, complete_only: bool = True) -> Iterator[Path]:
@@ -355,7 +357,11 @@ class S3Storage(StorageResource):
             raise StorageError(f"{self.uri(key)}: no such folder")
         with atomic_dir(cached) as tmp:
             for obj in objects:
-                dest = tmp / obj["Rel"]
+                try:  # an object key is data from the bucket: it may not leave the folder
+                    dest = safe_member_path(tmp, obj["Rel"])
+                except ValueError:
+                    raise StorageError(f"{self.uri(key)}: refusing object {obj['Key']!r}: its name "
+                                       "leaves the dataset folder") from None
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with self._errors("download", f"{key}/{obj['Rel']}"):
                     self.client.download_file(self.bucket, obj["Key"], str(dest))

@@ -129,6 +129,31 @@ def test_keys_cannot_climb_out(tmp_path: Path):
             local.path(bad)
 
 
+def test_s3_object_keys_and_prefixes_cannot_climb_out_of_the_cache(s3: S3Storage, bucket: str,
+                                                                   tmp_path: Path):
+    """Object names come from the bucket (anyone with write access): a download never writes
+    outside the dataset's cache folder, and a prefix with '..' is refused."""
+    client = boto3.client("s3")
+    client.put_object(Bucket=bucket, Key="team/blip/assets/x/ok.txt", Body=b"ok")
+    for evil in ("team/blip/assets/x/sub/../../../../../../escaped.txt",
+                 "team/blip/assets/x//" + str(tmp_path / "abs-escaped.txt").lstrip("/")):
+        client.put_object(Bucket=bucket, Key=evil, Body=b"evil")
+    client.put_object(Bucket=bucket, Key="team/blip/assets/y/" + "/" + str(tmp_path / "abs.txt"),
+                      Body=b"evil")
+    before = {p for p in tmp_path.rglob("*")}
+    for key in ("assets/x", "assets/y"):
+        with pytest.raises(StorageError, match="leaves the dataset folder"):
+            with s3.local_dir(key, complete_only=False):
+                pass
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert not [p for p in new if p.is_file() and p.read_bytes() == b"evil"]
+    assert not any("escaped" in p.name or p.name == "abs.txt" for p in new)
+    climbing = S3Storage(bucket=bucket, prefix="../../outside", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError):
+        with climbing.local_file("landing/a.tar"):
+            pass
+
+
 def test_storage_from_env_selects_the_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("BLIP_OPS_DATA", str(tmp_path))
     monkeypatch.delenv("BLIP_OPS_STORAGE", raising=False)
