@@ -24,28 +24,12 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.common import IO_MANAGER_KEY
 from orchestration.dvc_resource import DvcResource
-from orchestration.launcher import K8sLauncher, LocalLauncher, TrainingLauncher
+from orchestration.launcher import TrainingLauncher, launcher_from_env
 from orchestration.mlflow_resource import MlflowResource
 from orchestration.promotion import registered_model
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import landing_sensor
 from orchestration.storage import DatasetIOManager, S3Storage, StorageResource, storage_from_env
-
-
-def launcher_from_env() -> TrainingLauncher:
-    """The training launcher a deployment asks for (``BLIP_OPS_LAUNCHER``, default in-process)."""
-    kind = os.environ.get("BLIP_OPS_LAUNCHER", "inprocess").lower()
-    if kind == "k8s":
-        image = os.environ.get("BLIP_OPS_K8S_IMAGE")
-        if not image:
-            raise ValueError("BLIP_OPS_LAUNCHER=k8s needs BLIP_OPS_K8S_IMAGE (the training image)")
-        return K8sLauncher(image=image, gpus=int(os.environ.get("BLIP_OPS_K8S_GPUS", "1")),
-                           namespace=os.environ.get("BLIP_OPS_K8S_NAMESPACE", "blip"),
-                           s3_endpoint_url=os.environ.get("AWS_ENDPOINT_URL", ""),
-                           aws_secret=os.environ.get("BLIP_OPS_K8S_AWS_SECRET", ""))
-    if kind == "subprocess":
-        return LocalLauncher(mode="subprocess", nproc_per_node=int(os.environ.get("BLIP_OPS_NPROC", "1")))
-    return LocalLauncher()
 
 
 def build_resources(storage: StorageResource, data_dir: str,

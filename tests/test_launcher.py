@@ -227,7 +227,7 @@ def test_k8s_launcher_pipes_round_trip_with_s3_data(tiny_world: Path, tmp_path: 
     assert "testing" not in secret_values  # credentials reached the pod only by reference
 
 
-def test_launcher_from_env(monkeypatch: pytest.MonkeyPatch):
+def test_launcher_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     from orchestration.launcher import launcher_from_env
 
     monkeypatch.delenv("BLIP_OPS_LAUNCHER", raising=False)
@@ -238,8 +238,15 @@ def test_launcher_from_env(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("BLIP_OPS_K8S_IMAGE", "blip-ops:1")
     monkeypatch.setenv("BLIP_OPS_K8S_GPUS", "8")
     monkeypatch.setenv("BLIP_OPS_K8S_NODE_SELECTOR", '{"pool": "gpu"}')
+    monkeypatch.setenv("BLIP_OPS_K8S_SERVICE_ACCOUNT", "blip-trainer")
     k8s = launcher_from_env()
     assert isinstance(k8s, K8sLauncher) and k8s.gpus == 8 and k8s.node_selector == {"pool": "gpu"}
+    # The deployment's resources (what ``defs`` uses) read the same settings, service account included.
+    from orchestration.definitions import build_resources
+    from orchestration.storage import LocalStorage
+
+    deployed = build_resources(LocalStorage(root=str(tmp_path)), str(tmp_path))["launcher"]
+    assert deployed == k8s and deployed.service_account == "blip-trainer"
 
 
 def test_multinode_manifest_runs_the_launcher_command():
