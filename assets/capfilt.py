@@ -172,6 +172,9 @@ def bootstrapped_corpus(context: AssetExecutionContext, config: CorpusSettings, 
     if quality is not None:
         metadata["filter_precision"] = MetadataValue.float(round(quality["precision"], 4))
         metadata["filter_recall"] = MetadataValue.float(round(quality["recall"], 4))
+        # synthetic captions the filter kept that are wrong for their image (the world's truth)
+        metadata["synthetic_kept_wrong_ratio"] = MetadataValue.float(
+            round(quality["synthetic_kept_wrong_ratio"], 4))
     return MaterializeResult(value=ds, data_version=DataVersion(ds.version), metadata=metadata)
 
 

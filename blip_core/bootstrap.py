@@ -169,6 +169,9 @@ def run_bootstrap(out: str | Path, cfg: BootstrapConfig = BootstrapConfig(),
                    "threshold": manifest["threshold"], "calibration": manifest.get("calibration")},
         "corpus": {k: counts[k] for k in ("web_kept", "web_removed", "synthetic_kept",
                                           "synthetic_removed")} | {"human": counts["human"]},
+        # synthetic captions true of their image (the world's truth), by the filter's decision
+        "synthetic": {k.removeprefix("synthetic_"): v for k, v in quality.items()
+                      if k.startswith("synthetic_")},
         "checkpoints": {"pretrained": str(baseline), "captioner": str(out / "captioner"),
                         "filter": str(out / "filter"), "bootstrapped": str(source)},
         "stages": stages,
@@ -191,6 +194,8 @@ def summary(report: dict[str, Any]) -> str:
         f"(threshold {f['threshold']})",
         f"corpus: web kept {c['web_kept']}, removed {c['web_removed']}; synthetic kept "
         f"{c['synthetic_kept']}, removed {c['synthetic_removed']}; human {c['human']}",
+        *([f"synthetic captions kept: {s['kept_correct']} true of their image, {s['kept_wrong']} "
+           f"wrong ({s['kept_wrong_ratio']:.0%})"] if (s := report.get("synthetic")) else []),
         f"total time: {report['seconds']:.0f}s",
     ]
     return "\n".join(lines)

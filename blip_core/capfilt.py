@@ -344,35 +344,54 @@ def _cfg_dict(cfg: CapfiltConfig) -> dict[str, Any]:
 
 
 def filter_quality(scores: str | Path, truth: str | Path) -> dict[str, float]:
-    """Precision and recall (0..1) of the filter's 'noisy' decisions on web texts vs the truth.
+    """The filter's decisions against the shapes world's truth.
+
+    Web texts: precision and recall (0..1) of the 'noisy' decisions, and their counts. Synthetic
+    captions (when the truth holds each image's scene): how many are true of their image (the
+    grammar's :func:`~blip_core.data.shapes.is_correct`), kept and removed, so a run shows whether
+    the captioner adds clean pairs or noise.
 
     Args:
         scores: a corpus folder (its ``scores.jsonl``) or the file.
-        truth: the shapes world's ``web_truth.jsonl`` (``key``, ``noisy``).
+        truth: the shapes world's ``web_truth.jsonl`` (``key``, ``noisy``, ``scene``).
     """
+    from blip_core.data.shapes import Scene, is_correct
+
     scores, truth = Path(scores), Path(truth)
     if scores.is_dir():
         scores = scores / SCORES_FILE
-    noisy = {}
+    noisy, scenes = {}, {}
     for line in truth.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
             noisy[row["key"]] = bool(row["noisy"])
+            if "scene" in row:
+                scenes[row["key"]] = Scene.from_json(row["scene"])
     tp = fp = fn = 0
+    synthetic = {"synthetic_kept_correct": 0, "synthetic_kept_wrong": 0,
+                 "synthetic_removed_correct": 0, "synthetic_removed_wrong": 0}
     for line in scores.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
+        if row["source"] == "synthetic" and row["key"] in scenes:
+            correct = is_correct(row["text"], scenes[row["key"]])
+            decision = "kept" if row["kept"] else "removed"
+            synthetic[f"synthetic_{decision}_{'correct' if correct else 'wrong'}"] += 1
         if row["source"] != "web" or row["key"] not in noisy:
             continue
         removed, is_noisy = not row["kept"], noisy[row["key"]]
         tp += removed and is_noisy
         fp += removed and not is_noisy
         fn += (not removed) and is_noisy
+    kept = synthetic["synthetic_kept_correct"] + synthetic["synthetic_kept_wrong"]
     return {
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
         "removed_noisy": tp, "removed_clean": fp, "kept_noisy": fn,
+        **synthetic,
+        # share of the synthetic captions the filter kept that are wrong for their image
+        "synthetic_kept_wrong_ratio": synthetic["synthetic_kept_wrong"] / kept if kept else 0.0,
     }
 
 

@@ -291,6 +291,39 @@ def test_youden_threshold_on_hand_checked_scores():
     with pytest.raises(ValueError, match="positive and negative"):
         youden_threshold([0.5], [])
 
+
+def test_filter_quality_counts_web_decisions_and_synthetic_correctness(tmp_path):
+    from blip_core.capfilt import filter_quality
+
+    circle = {"shapes": [{"color": "red", "kind": "circle", "size": "large", "position": "left"}],
+              "seed": 1}
+    star = {"shapes": [{"color": "blue", "kind": "star", "size": "small", "position": "top"}],
+            "seed": 2}
+    truth = [{"key": "a", "noisy": False, "scene": circle}, {"key": "b", "noisy": True, "scene": star},
+             {"key": "c", "noisy": True, "scene": circle}]
+    (tmp_path / "truth.jsonl").write_text("\n".join(json.dumps(r) for r in truth) + "\n")
+    rows = [  # web: a (clean) removed, b (noisy) removed, c (noisy) kept -> P 1/2, R 1/2
+        ("a", "web", "a large red circle on the left", False),
+        ("b", "web", "click here", False),
+        ("c", "web", "a blue star", True),
+        # synthetic: true of the image or not, kept or not
+        ("a", "synthetic", "a large red circle on the left", True),  # kept, correct
+        ("a", "synthetic", "a large red square on the left", True),  # kept, wrong kind
+        ("b", "synthetic", "a small blue star at the top", False),  # removed, correct
+        ("b", "synthetic", "a small green star at the top", True),  # kept, wrong colour
+        ("c", "synthetic", "a red circle", False),  # removed, correct (partial)
+    ]
+    (tmp_path / "scores.jsonl").write_text("\n".join(
+        json.dumps({"key": k, "source": s, "text": t, "prob": 0.5, "kept": kept})
+        for k, s, t, kept in rows) + "\n")
+    q = filter_quality(tmp_path / "scores.jsonl", tmp_path / "truth.jsonl")
+    assert (q["precision"], q["recall"]) == (0.5, 0.5)
+    assert (q["removed_noisy"], q["removed_clean"], q["kept_noisy"]) == (1, 1, 1)
+    assert (q["synthetic_kept_correct"], q["synthetic_kept_wrong"]) == (1, 2)
+    assert (q["synthetic_removed_correct"], q["synthetic_removed_wrong"]) == (2, 0)
+    assert q["synthetic_kept_wrong_ratio"] == pytest.approx(2 / 3)
+
+
 def test_score_dataset_scores_the_texts_of_each_key(tokenizer, images):
     model = _tiny()
     dataset = [(images[i], f"k{i}") for i in range(5)]
