@@ -62,6 +62,11 @@ class CorpusSettings(Config):
                     "on the human val split (Youden's J), the paper's argmax rule is 0.5")
     calibration_split: str = Field(default=_CAPFILT.calibration_split,
                                    description="human split the empty threshold is calibrated on")
+    use_synthetic: bool = Field(
+        default=_CAPFILT.use_synthetic,
+        description="put the synthetic captions the filter keeps into the corpus (the paper's C + F); "
+                    "off in the CPU recipe, whose tiny captioner names colours but not shapes: they "
+                    "are still scored and reported (synthetic_kept_wrong_ratio)")
     batch_size: int = Field(default=_CAPFILT.batch_size, description="images per forward")
     shard_size: int = Field(default=_CAPFILT.shard_size, description="samples per corpus shard")
     device: str = Field(default=RECIPE.device, description="cpu or cuda")
@@ -69,7 +74,7 @@ class CorpusSettings(Config):
     def to_capfilt(self) -> CapfiltConfig:
         """The blip_core configuration."""
         return CapfiltConfig(threshold=self.threshold, calibration_split=self.calibration_split,
-                             batch_size=self.batch_size,
+                             use_synthetic=self.use_synthetic, batch_size=self.batch_size,
                              shard_size=self.shard_size, device=self.device)
 
 
@@ -116,7 +121,7 @@ def synthetic_captions(context: AssetExecutionContext, config: CaptionSettings, 
     })
 
 
-@asset(group_name=GROUP, pool=DVC_POOL, io_manager_key=IO_MANAGER_KEY, code_version=code_version("2"),
+@asset(group_name=GROUP, pool=DVC_POOL, io_manager_key=IO_MANAGER_KEY, code_version=code_version("3"),
        kinds={"pytorch", "webdataset"},
        description="Human train pairs + web texts kept by the filter + synthetic captions kept by it.")
 def bootstrapped_corpus(context: AssetExecutionContext, config: CorpusSettings, storage: StorageResource,
@@ -153,6 +158,7 @@ def bootstrapped_corpus(context: AssetExecutionContext, config: CorpusSettings, 
     metadata: dict[str, Any] = {
         **dataset_metadata(ds, t["seconds"]),
         "samples": MetadataValue.int(manifest["total"]),
+        "use_synthetic": MetadataValue.bool(bool(manifest.get("use_synthetic", True))),
         "dagster/row_count": MetadataValue.int(manifest["total"]),
         "threshold": MetadataValue.float(float(manifest["threshold"])),
         "threshold_source": MetadataValue.text(

@@ -41,6 +41,10 @@ class CapfiltConfig:
     top_p: float = 0.9  # nucleus sampling mass
     num_beams: int = 3  # beam search width
     num_captions: int = 1  # synthetic captions per web image and captioner
+    # Whether the synthetic captions the filter keeps join the corpus (the paper's C + F). False:
+    # they are still generated, scored and reported, but only web texts are filtered into the
+    # corpus (the paper's F alone), for a captioner whose captions are measured to be mostly wrong.
+    use_synthetic: bool = True
     max_length: int = 20  # generated tokens at most (prompt excluded)
     min_length: int = 5  # generated tokens at least
     batch_size: int = 64  # images per forward
@@ -290,7 +294,8 @@ def build_corpus(
         for item in iter_valid([s for w in web for s in _shards(w)]):
             if isinstance(item, Rejection) or item.key not in kept_by_key:
                 continue
-            for j, row in enumerate(kept_by_key[item.key]):
+            rows_kept = [r for r in kept_by_key[item.key] if cfg.use_synthetic or r["source"] == "web"]
+            for j, row in enumerate(rows_kept):
                 meta = {"image_id": f"web/{item.key}", "source": row["source"],
                         "itm_prob": round(row["prob"], 4)}
                 yield Sample(f"{item.key}_{row['source'][0]}{j}", item.jpg, row["text"], meta)
@@ -306,7 +311,9 @@ def build_corpus(
         (tmp / SCORES_FILE).write_text(scores + "\n", encoding="utf-8")
         manifest = {
             "counts": counts,
-            "total": counts["human"] + counts["web_kept"] + counts["synthetic_kept"],
+            "total": counts["human"] + counts["web_kept"]
+            + (counts["synthetic_kept"] if cfg.use_synthetic else 0),
+            "use_synthetic": cfg.use_synthetic,
             "noise_ratio": {s: _ratio(counts[f"{s}_removed"], counts[f"{s}_kept"])
                             for s in ("web", "synthetic")},
             "threshold": threshold,
@@ -395,6 +402,13 @@ def filter_quality(scores: str | Path, truth: str | Path) -> dict[str, float]:
     }
 
 
+def _boolean(raw: str) -> bool:
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(raw.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not true or false")
+    return value
+
+
 def _threshold(raw: str) -> float | None:
     if raw.lower() in {"auto", "none", "null"}:
         return None
@@ -430,13 +444,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="split of --human the 'auto' threshold is calibrated on (default: %(default)s)")
     p.add_argument("--method", choices=["nucleus", "beam", "greedy"], default=d.method)
     p.add_argument("--num-captions", type=int, default=d.num_captions)
+    p.add_argument("--use-synthetic", type=_boolean, default=d.use_synthetic, metavar="true|false",
+                   help="put the synthetic captions the filter keeps into the corpus (default true; "
+                        "false: score and report them, but filter only the web texts in)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--truth", type=Path, help="web_truth.jsonl: also report filter precision/recall")
     args = p.parse_args(argv)
     cfg = replace(d, threshold=args.threshold, calibration_split=args.calibration_split,
-                  method=args.method, num_captions=args.num_captions, batch_size=args.batch_size,
+                  method=args.method, num_captions=args.num_captions, use_synthetic=args.use_synthetic,
+                  batch_size=args.batch_size,
                   seed=args.seed, device=args.device)
     if args.synthetic:
         synthetic = args.synthetic

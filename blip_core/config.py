@@ -158,22 +158,36 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(d))  # tuples -> lists
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build config dataclass ``cls`` from nested plain data, rejecting unknown keys."""
+def from_dict(cls: type, data: dict[str, Any], base: Any = None) -> Any:
+    """Build config dataclass ``cls`` from nested plain data, rejecting unknown keys.
+
+    A nested mapping only changes the keys it names: the rest keep the default of the field that
+    holds it (``pretrain: {max_steps: 100}`` keeps the recipe's ``pretrain.lr``, not ``Stage``'s).
+    ``base``: an instance whose values stand in for the class defaults.
+    """
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = set(data) - names
+    by_name = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(by_name)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value)
+            value = from_dict(hint, value, _default(by_name[name]) if base is None else getattr(base, name))
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    return cls(**kwargs) if base is None else replace(base, **kwargs)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (None when it has none)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def load_yaml(cls: type, path: str | Path) -> Any:

@@ -7,11 +7,12 @@ against what the world is known to contain.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from blip_core.bootstrap import main
+from blip_core.bootstrap import Stage, main
 from blip_core.checkpoint import is_checkpoint
 from blip_core.data.formats import list_shards
 from blip_core.data.ingest import iter_valid
@@ -24,8 +25,8 @@ OVERRIDES = [
     "pretrain.max_steps=4", "pretrain.batch_size=16", "pretrain.warmup_steps=1",
     "captioner.max_steps=2", "captioner.batch_size=16", "captioner.warmup_steps=1",
     "filter.max_steps=2", "filter.batch_size=16", "filter.warmup_steps=1",
-    "capfilt.num_captions=2", "capfilt.batch_size=32", "eval_k=4",
-]
+    "capfilt.num_captions=2", "capfilt.batch_size=32", "capfilt.use_synthetic=true", "eval_k=4",
+]  # use_synthetic=true: the paper's C + F, every path of the corpus (the CPU recipe leaves it off)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,24 @@ def test_corpus_shards_hold_human_pairs_and_exactly_the_kept_texts(run):
                 if s.meta["source"] == "human"} & test_ids
 
 
+def test_corpus_without_synthetic_captions_scores_them_but_keeps_only_web_and_human(run, tmp_path):
+    from blip_core.capfilt import CapfiltConfig, build_corpus
+
+    out, report, _ = run
+    manifest = build_corpus([str(out / "filter")], [str(out / "web")], out / "synthetic",
+                            out / "human" / "annotations.json", tmp_path / "corpus",
+                            CapfiltConfig(threshold=report["filter"]["threshold"], use_synthetic=False),
+                            progress=False)
+    c = report["corpus"]
+    assert manifest["counts"] == {k: c[k] for k in ("human", "web_kept", "web_removed",
+                                                     "synthetic_kept", "synthetic_removed")}
+    assert manifest["use_synthetic"] is False and manifest["total"] == c["human"] + c["web_kept"]
+    samples = iter_valid(list_shards(tmp_path / "corpus"))
+    sources = [s.meta["source"] for s in samples if hasattr(s, "caption")]
+    assert sources.count("synthetic") == 0 and len(sources) == c["human"] + c["web_kept"]
+    assert (tmp_path / "corpus" / "scores.jsonl").read_text() == (out / "corpus" / "scores.jsonl").read_text()
+
+
 def test_filter_quality_matches_the_stored_truth(run):
     out, report, _ = run
     truth = {}
@@ -126,3 +145,18 @@ def test_a_second_run_skips_every_completed_stage(run):
     assert again["baseline"] == report["baseline"] and again["bootstrapped"] == report["bootstrapped"]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")} == before
     assert all(stage.get("skipped") for stage in again["stages"].values())
+
+
+def test_a_partial_yaml_recipe_keeps_the_other_recipe_defaults(tmp_path):
+    """``pretrain: {max_steps: 100}`` changes the steps only: lr stays the recipe's 1e-3 (not
+    ``Stage``'s class default), and the capfilt section keeps the recipe's use_synthetic."""
+    from blip_core.bootstrap import BootstrapConfig
+    from blip_core.config import load_yaml
+
+    recipe = BootstrapConfig()
+    assert recipe.pretrain.lr != Stage.__dataclass_fields__["lr"].default  # the case that matters
+    (tmp_path / "r.yaml").write_text("pretrain: {max_steps: 100}\ncapfilt: {threshold: 0.4}\n")
+    cfg = load_yaml(BootstrapConfig, tmp_path / "r.yaml")
+    assert cfg.pretrain == replace(recipe.pretrain, max_steps=100)
+    assert cfg.capfilt == replace(recipe.capfilt, threshold=0.4)
+    assert cfg.filter == recipe.filter and cfg.world == recipe.world

@@ -182,8 +182,9 @@ def test_params_are_the_default_recipe_of_the_assets():
                                  "warmup_steps": s.warmup_steps}, stage
     assert params["model"] == {"preset": recipe.preset, "seed": recipe.seed, "precision": recipe.precision}
     assert recipe.capfilt.threshold is None and params["capfilt"]["threshold"] == "auto"
-    assert (params["capfilt"]["method"], params["capfilt"]["num_captions"]) == (
-        recipe.capfilt.method, recipe.capfilt.num_captions)
+    assert (params["capfilt"]["method"], params["capfilt"]["num_captions"],
+            params["capfilt"]["use_synthetic"]) == (
+        recipe.capfilt.method, recipe.capfilt.num_captions, recipe.capfilt.use_synthetic)
     assert (params["eval"]["k"], params["eval"]["caption_method"]) == (recipe.eval_k, recipe.eval_method)
 
 
