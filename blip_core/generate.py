@@ -157,23 +157,27 @@ def sample_top_p(
     """Nucleus sampling (temperature 1): one token per row of (R, V) logits, returned as (R,).
 
     Each row samples from the smallest set of most likely tokens whose probability reaches
-    ``top_p`` (at least the most likely token), renormalised. The set is looked for among the
-    top 64 tokens first, then the top 1024, and in the whole vocabulary only when a row needs
-    more, so that a peaked distribution costs a small ``topk`` rather than a sort of the whole
-    vocabulary.
+    ``top_p`` (at least the most likely token), renormalised. Each row's set is looked for among
+    its top 64 tokens first, then the top 1024, and in the whole vocabulary only when that row
+    needs more, so that peaked rows cost a small ``topk`` whatever the flat rows beside them need.
     """
     probs = logits.softmax(-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
     vocab = probs.shape[-1]
-    k = min(64, vocab)
-    while True:
-        top, ids = probs.topk(k, dim=-1)  # (R, k), most likely first
-        if k == vocab or bool((top.sum(-1) >= top_p).all()):
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    todo = torch.arange(probs.shape[0], device=probs.device)  # rows whose set is not found yet
+    for k in (min(64, vocab), min(1024, vocab), vocab):
+        top, ids = probs[todo].topk(k, dim=-1)  # (r, k), most likely first
+        done = top.sum(-1) >= top_p if k < vocab else torch.ones_like(todo, dtype=torch.bool)
+        if bool(done.any()):
+            top, ids = top[done], ids[done]
+            top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)  # mass ranked ahead >= top_p
+            out[todo[done]] = ids.gather(1, torch.multinomial(top, 1, generator=generator))[:, 0]
+            todo = todo[~done]
+        if todo.numel() == 0:
             break
-        k = min(vocab, 1024) if k < 1024 else vocab  # 64, then 1024, then everything
-    top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)  # mass ranked ahead >= top_p
-    return ids.gather(1, torch.multinomial(top, 1, generator=generator))[:, 0]
+    return out
 
 
 def _sample(

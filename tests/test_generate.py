@@ -143,6 +143,20 @@ def test_nucleus_wider_than_the_first_candidates():
     assert seen <= set(nucleus.tolist()) and len(seen) > 0.9 * len(nucleus)
 
 
+def test_nucleus_rows_of_one_batch_each_use_their_own_set():
+    """A peaked row next to a flat one (whose set needs more than the first 1024 candidates):
+    each samples from its own nucleus, in one call."""
+    peaked = torch.tensor([[0.5, 0.05, 0.3, 0.15] + [1e-9] * 2000]).log()
+    flat = torch.randn(1, 2004, generator=torch.Generator().manual_seed(0)) * 0.3
+    draws = sample_top_p(torch.cat([peaked, flat]).repeat(20000, 1), 0.75,
+                         torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws[0::2], minlength=4)[:4].float() / 20000
+    assert_close(freq, torch.tensor([0.625, 0, 0.375, 0]), atol=0.015, rtol=0)
+    ordered = flat[0].softmax(-1).sort(descending=True)
+    nucleus = set(ordered.indices[ordered.values.cumsum(0) - ordered.values < 0.75].tolist())
+    assert len(nucleus) > 1024 and set(draws[1::2].tolist()) <= nucleus
+
+
 # --- decoding ------------------------------------------------------------------------------
 
 
