@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,27 @@ def _records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
+# Starts the command from a small process and reports the peak RSS of that command alone: a child
+# forked from the (large) pytest process would count pytest's resident pages in its ru_maxrss,
+# since Linux carries the pre-exec high-water mark over exec.
+_MEASURED = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))  # Linux reports KiB
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _run_cli(args: list[str], cwd: Path, log: Path) -> tuple[int, int]:
     """Runs ``blip-core ARGS``; returns (exit code, peak RSS in bytes of that process alone)."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen([str(CLI), *args], cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024  # Linux reports KiB
+    with tempfile.TemporaryDirectory() as tmp, open(log, "w") as f:  # outside the watched tree
+        rss = Path(tmp) / "rss"
+        proc = subprocess.run([sys.executable, "-S", "-c", _MEASURED, str(rss), str(CLI), *args],
+                              cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+        return proc.returncode, int(rss.read_text())
 
 
 @pytest.fixture(scope="module")

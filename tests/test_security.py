@@ -324,8 +324,11 @@ def test_ui_command_binds_loopback_unless_configured(monkeypatch: pytest.MonkeyP
         return cmd[cmd.index("-h") + 1]
 
     monkeypatch.delenv("BLIP_OPS_UI_HOST", raising=False)
-    make = subprocess.run(["make", "-n", "ui", "PORT=3123"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip().splitlines()[-1].split()
+    # Under `make test` this is a sub-make: no "Entering directory" lines, and the line that runs
+    # the UI is picked out of the recipe (set-up lines come first).
+    printed = subprocess.run(["make", "--no-print-directory", "-n", "ui", "PORT=3123"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    [make] = [line.split() for line in printed if "orchestration.ui" in line.split()]
     assert make[make.index("orchestration.ui") + 1:] == ["--data", "data", "--port", "3123"]
     assert host(make[make.index("orchestration.ui") + 1:]) == "127.0.0.1"  # `make ui`
     assert host([]) == "127.0.0.1"
