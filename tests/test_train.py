@@ -56,6 +56,22 @@ def test_tiny_pretraining_lowers_all_three_losses(world, tmp_path):
     assert meta["task"] == "pretrain" and meta["steps"] == 60 and cfg.vision.image_size == 64
 
 
+def test_same_seed_same_weights_on_two_threads(world, tmp_path):
+    """Two runs of one config on 2 threads give bit-identical weights (deterministic kernels; a
+    few CPU kernels otherwise reduce in a thread-dependent order), and the caller's setting is
+    left as it was."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [load_file(Path(train(_cfg(world, tmp_path / f"r{i}", batch_size=32, save_every=100))
+                               .checkpoint) / "model.safetensors") for i in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0].keys() == runs[1].keys()
+    assert [k for k in runs[0] if not torch.equal(runs[0][k], runs[1][k])] == []
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 class _Killed(RuntimeError):
     pass
 
