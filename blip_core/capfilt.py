@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from blip_core.checkpoint import load_for_inference
+from blip_core.config import parse_bool
 from blip_core.data.dataset import ImageOnlyDataset, image_transform
 from blip_core.data.formats import Rejection, Sample, list_shards, read_karpathy, write_shards
 from blip_core.data.ingest import iter_valid
@@ -276,9 +277,9 @@ def build_corpus(
     rows = score_texts(filters, web, synth, cfg, progress)
     for row in rows:
         row["kept"] = row["prob"] >= threshold
-    kept_by_key: dict[str, list[dict[str, Any]]] = {}
+    kept_by_key: dict[str, list[dict[str, Any]]] = {}  # what goes into the corpus, by web key
     for row in rows:
-        if row["kept"]:
+        if row["kept"] and (cfg.use_synthetic or row["source"] == "web"):
             kept_by_key.setdefault(row["key"], []).append(row)
 
     human = [im for im in read_karpathy(ann) if im.split == "train"]
@@ -294,8 +295,7 @@ def build_corpus(
         for item in iter_valid([s for w in web for s in _shards(w)]):
             if isinstance(item, Rejection) or item.key not in kept_by_key:
                 continue
-            rows_kept = [r for r in kept_by_key[item.key] if cfg.use_synthetic or r["source"] == "web"]
-            for j, row in enumerate(rows_kept):
+            for j, row in enumerate(kept_by_key[item.key]):
                 meta = {"image_id": f"web/{item.key}", "source": row["source"],
                         "itm_prob": round(row["prob"], 4)}
                 yield Sample(f"{item.key}_{row['source'][0]}{j}", item.jpg, row["text"], meta)
@@ -402,13 +402,6 @@ def filter_quality(scores: str | Path, truth: str | Path) -> dict[str, float]:
     }
 
 
-def _boolean(raw: str) -> bool:
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(raw.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not true or false")
-    return value
-
-
 def _threshold(raw: str) -> float | None:
     if raw.lower() in {"auto", "none", "null"}:
         return None
@@ -444,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="split of --human the 'auto' threshold is calibrated on (default: %(default)s)")
     p.add_argument("--method", choices=["nucleus", "beam", "greedy"], default=d.method)
     p.add_argument("--num-captions", type=int, default=d.num_captions)
-    p.add_argument("--use-synthetic", type=_boolean, default=d.use_synthetic, metavar="true|false",
+    p.add_argument("--use-synthetic", type=parse_bool, default=d.use_synthetic, metavar="true|false",
                    help="put the synthetic captions the filter keeps into the corpus (default true; "
                         "false: score and report them, but filter only the web texts in)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from blip_core.config import BlipConfig, from_dict, to_dict
-from blip_core.io import atomic_dir, atomic_write_json
+from blip_core.io import atomic_dir, atomic_write_json, fsync_path
 from blip_core.model import BlipModel
 from blip_core.vision import resize_pos_embed
 
@@ -46,20 +46,11 @@ def state_dict_for_saving(model: BlipModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def _fsync(path: Path) -> None:
-    """Flush a written file to disk before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_weights(model: BlipModel, path: Path) -> None:
     """Write the model's state as safetensors, atomically (temp file + fsync + rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
-    _fsync(tmp)
+    fsync_path(tmp, strict=True)
     tmp.replace(path)
 
 
@@ -215,7 +206,7 @@ def save_trainer_state(
         save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"state": json.dumps(tree)})
         (tmp / PROGRESS_FILE).write_text(json.dumps(state))
         for name in (WEIGHTS_FILE, OPTIMIZER_FILE, PROGRESS_FILE):
-            _fsync(tmp / name)
+            fsync_path(tmp / name, strict=True)
     for old in sorted(root.glob("step_*"))[:-keep]:
         _delete(old)
     return final

@@ -198,6 +198,15 @@ def load_yaml(cls: type, path: str | Path) -> Any:
     return from_dict(cls, data)
 
 
+def parse_bool(raw: str) -> bool:
+    """``true/yes/on/1`` or ``false/no/off/0`` (any case) as a bool; ValueError otherwise."""
+    if raw.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if raw.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
 def _parse_value(raw: str, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -208,11 +217,7 @@ def _parse_value(raw: str, hint: Any) -> Any:
     target = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
         and args else hint
     if target is bool:
-        if raw.lower() in {"1", "true", "yes", "on"}:
-            return True
-        if raw.lower() in {"0", "false", "no", "off"}:
-            return False
-        raise ValueError(f"not a boolean: {raw!r}")
+        return parse_bool(raw)
     if target in (int, float, str):
         return target(raw)
     return yaml.safe_load(raw)

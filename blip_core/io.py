@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,16 +21,22 @@ from typing import Any
 _CHUNK = 1 << 20  # bytes read at a time when hashing
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flushes a directory entry to disk (best effort: not every OS/filesystem allows it)."""
+def fsync_path(path: Path, strict: bool = False) -> None:
+    """Flushes a file, or a directory's entries, to disk.
+
+    Best effort unless ``strict`` (not every OS / filesystem lets a directory be fsynced).
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
 
@@ -80,7 +87,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Any]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 @contextlib.contextmanager
@@ -118,9 +125,22 @@ def atomic_dir(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers_of(final: Path) -> list[str]:
+    """Removes what killed writers of ``final`` left beside it: ``atomic_dir``'s hidden temporary
+    (``.NAME.tmp-*``) and replaced (``.NAME.old-*``) folders, never read by anyone. Called once
+    ``final`` is complete, so a writer racing for the same dataset fails loudly at worst."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-[^/]+")
+    removed = []
+    for entry in final.parent.glob(f".{final.name}.*"):
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -185,11 +205,16 @@ def safe_member_path(root: str | os.PathLike[str], name: str) -> Path:
         ``root / name``.
 
     Raises:
-        ValueError: If ``name`` is empty, absolute, contains a NUL, a backslash or a ``..``
-            component, or resolves (through symlinks) outside ``root``.
+        ValueError: If ``name`` is empty, absolute, not valid Unicode (a lone surrogate), contains
+            a NUL, a backslash or a ``..`` component, or resolves (through symlinks) outside
+            ``root``.
     """
     if not name or "\0" in name or "\\" in name:
         raise ValueError(f"unsafe path {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"path {name!r} holds a lone surrogate") from None
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         raise ValueError(f"absolute path {name!r}")
     parts = name.split("/")

@@ -8,12 +8,12 @@ leaves runs open.
 Where runs go: ``tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the embedded default
 ``sqlite:///DATA/mlflow/mlflow.db`` with artefacts in ``DATA/mlflow/artifacts`` (no server).
 The store is checked when the resource starts, before any training, and an unreachable one
-fails the step with :class:`MlflowUnavailableError` within seconds (the client's HTTP retries are
-kept short: :data:`HTTP_DEFAULTS`). Once a run has started, an outage loses nothing: per-step
-metrics are kept in memory and sent when the store answers again (training never waits for it),
-and every other call waits for the store, with backoff, up to ``outage_wait_s`` before failing
-with :class:`MlflowUnavailableError`. Telemetry is switched off by the ``orchestration`` package
-before MLflow is imported.
+fails the step with :class:`MlflowUnavailableError` within seconds (the ``orchestration`` package
+keeps the client's HTTP retries short: ``MLFLOW_HTTP_REQUEST_*``). Once a run has started, an
+outage loses nothing: per-step metrics are kept in memory and sent when the store answers again
+(training never waits for it), and every other call waits for the store, with backoff, up to
+``outage_wait_s`` before failing with :class:`MlflowUnavailableError`. Telemetry is switched off
+by the ``orchestration`` package before MLflow is imported.
 
 Usage inside an asset::
 
@@ -58,10 +58,6 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 MODEL_REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "transformers", "safetensors",
                       "pillow", "pandas", "numpy", "pyyaml")
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-"""MLflow client HTTP settings unless the environment sets them: a refused request fails in ~3 s
-(MLflow's own defaults retry for ~4 minutes; :class:`TrackedRun` does the waiting instead)."""
 FLUSH_RETRY_S = 10.0  # seconds between attempts to send metrics kept back during an outage
 
 
@@ -107,11 +103,6 @@ def _unavailable(uri: str, error: BaseException, what: str, hint: str = "") -> M
     ``from None``: the cause's own text shows the URI as given)."""
     cause = redact_text(f"{type(error).__name__}: {error}")[:2000]
     return MlflowUnavailableError(f"MLflow tracking store {redact_uri(uri)} {what} ({cause}).{hint}")
-
-
-def _http_defaults() -> None:
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 def metric_key(name: str) -> str:
@@ -253,8 +244,11 @@ class TrackedRun:
             self.call(self._send_pending)
             return
         try:
-            if self.answers():
+            # Only while the store has been failing is it asked for /health first: when it
+            # answers, the send is the check (one request per step, not two).
+            if not self._next_flush or self.answers():
                 self._send_pending()
+                self._next_flush = 0.0
                 return
         except Exception as e:
             if not unreachable(e):
@@ -450,7 +444,6 @@ class MlflowResource(ConfigurableResource):
         """
         if self._experiment_id is not None:
             return self._experiment_id
-        _http_defaults()
         uri = self.resolved_tracking_uri()
         try:
             if uri.startswith("sqlite:///"):
@@ -528,7 +521,7 @@ class MlflowResource(ConfigurableResource):
             status = "FAILED" if isinstance(e, Exception) else "KILLED"
             if tracked.answers():  # best effort: the asset's own error must not be masked
                 with suppress(Exception):
-                    tracked.flush(wait=False)
+                    tracked._send_pending()
                     if status == "FAILED":
                         client.set_tag(run.info.run_id, "error",
                                        redact_text(f"{type(e).__name__}: {e}")[:5000])

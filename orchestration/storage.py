@@ -19,7 +19,6 @@ The data version of a dataset is its ``blip_core.io.tree_hash``, the same on bot
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -36,7 +35,7 @@ from dagster import (
 )
 from pydantic import Field, PrivateAttr
 
-from blip_core.io import atomic_dir, atomic_write_json, safe_member_path, tree_hash
+from blip_core.io import atomic_dir, atomic_write_json, remove_leftovers_of, safe_member_path, tree_hash
 
 MARKER = ".complete.json"
 """Completion marker of a published dataset (hidden: ``tree_hash`` ignores it)."""
@@ -78,19 +77,6 @@ def _fill(src: Path, dest: Path, move: bool, exclude: tuple[str, ...]) -> None:
             shutil.copytree(entry, dest / entry.name)
         else:
             shutil.copy2(entry, dest / entry.name)
-
-
-def _sweep_leftovers(final: Path) -> list[str]:
-    """Removes what killed writers of ``final`` left beside it: ``atomic_dir``'s hidden temporary
-    (``.NAME.tmp-*``) and replaced (``.NAME.old-*``) folders, never read by anyone. Called once
-    ``final`` is complete, so a writer racing for the same dataset fails loudly at worst."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-[^/]+")
-    removed = []
-    for entry in final.parent.glob(f".{final.name}.*"):
-        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
-    return removed
 
 
 def _marker_for(folder: Path) -> dict[str, Any]:
@@ -229,7 +215,7 @@ class LocalStorage(StorageResource):
             _fill(Path(local), tmp, move, exclude)
             marker = _marker_for(tmp) | (info or {})
             atomic_write_json(tmp / MARKER, marker)
-        _sweep_leftovers(self.path(key))
+        remove_leftovers_of(self.path(key))
         return str(marker["tree_hash"])
 
     def scratch_dir(self, key: str) -> Path:
@@ -373,7 +359,7 @@ class S3Storage(StorageResource):
                         f"{marker['tree_hash']} (rewritten while reading? try again)"
                     )
                 atomic_write_json(tmp / MARKER, marker)
-        _sweep_leftovers(cached)
+        remove_leftovers_of(cached)
         yield cached
 
     @contextlib.contextmanager
@@ -434,7 +420,7 @@ class S3Storage(StorageResource):
                                        Body=json.dumps(marker).encode(),
                                        ContentType="application/json")
             atomic_write_json(view / MARKER, marker)
-        _sweep_leftovers(self._cache_path("datasets", _check_key(key)))
+        remove_leftovers_of(self._cache_path("datasets", _check_key(key)))
         return str(marker["tree_hash"])
 
     def scratch_dir(self, key: str) -> Path:

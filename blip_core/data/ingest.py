@@ -300,7 +300,8 @@ def parse_meta(raw: bytes) -> dict[str, Any]:
     for name in ("url", "status"):  # parquet string columns
         if not isinstance(meta.get(name), str | None):
             raise InvalidSample("bad_json", f"{name!r} is {type(meta[name]).__name__}, not a string")
-    if not _utf8(json.dumps(meta, ensure_ascii=False)):
+    # Strict UTF-8 bytes decode to no lone surrogate: only a \u escape can make one.
+    if b"\\u" in raw and not _utf8(json.dumps(meta, ensure_ascii=False)):
         raise InvalidSample("bad_json", "lone surrogate in a string")
     return meta
 
@@ -547,8 +548,6 @@ def read_image_file(root: Path, name: str, cfg: IngestConfig = DEFAULT_CONFIG) -
             fifo would block) or ``member_too_large``.
     """
     try:
-        if not _utf8(name):
-            raise ValueError(f"path {name!r} holds a lone surrogate")
         path = safe_member_path(root, name)
     except ValueError as e:
         raise InvalidSample("unsafe_member_name", str(e)) from None
