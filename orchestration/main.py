@@ -112,6 +112,30 @@ def split_run_config(run_config: Mapping[str, Any] | None, ops: Sequence[str]) -
     return {"ops": {k: v for k, v in all_ops.items() if k in ops}}
 
 
+def check_run_config(run_config: Mapping[str, Any] | None, *jobs: Any) -> list[dict[str, Any]]:
+    """Each job's part of ``run_config``, validated before anything runs.
+
+    Raises:
+        ValueError: the config names an op (asset or check) of none of the jobs (a typo would
+            otherwise be ignored) or is not ``{"ops": {...}}``.
+        dagster.DagsterInvalidConfigError: a field is unknown or of the wrong type.
+    """
+    from dagster import validate_run_config
+
+    if run_config is not None and (not isinstance(run_config, Mapping)
+                                   or not isinstance(run_config.get("ops", {}), Mapping)
+                                   or set(run_config) - {"ops"}):
+        raise ValueError("a lineage run config is {ops: {asset_or_check_op: {config: {...}}}}")
+    known = {name for job in jobs for name in _op_names(job)}
+    unknown = sorted(set((run_config or {}).get("ops", {})) - known)
+    if unknown:
+        raise ValueError(f"the run config names unknown ops {unknown}; known: {sorted(known)}")
+    parts = [split_run_config(run_config, _op_names(job)) for job in jobs]
+    for job, part in zip(jobs, parts, strict=True):
+        validate_run_config(job, part)
+    return parts
+
+
 def lineage_definitions(resources: Mapping[str, Any], assets: Sequence[Any] | None = None) -> Any:
     """``Definitions`` of the lineage's jobs over the given resources (tests pass their own)."""
     from dagster import Definitions, in_process_executor
@@ -140,6 +164,10 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
         partitions: Shards to (re-)materialize; default: those never materialized.
         tags: Run tags.
         assets: The assets (default: those of ``orchestration.definitions``).
+
+    Raises:
+        ValueError, dagster.DagsterInvalidConfigError: ``run_config`` is wrong (see
+            :func:`check_run_config`); raised before any run starts.
     """
     from assets.common import web_shard_partitions
 
@@ -150,15 +178,16 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
                       if p not in done]
     result = LineageResult()
     shard_job, main_job = defs.resolve_job_def("web_shards_job"), defs.resolve_job_def("bootstrap_job")
+    shard_config, main_config = check_run_config(run_config, shard_job, main_job)
     for pk in partitions:
         result.shard_runs[pk] = shard_job.execute_in_process(
-            run_config=split_run_config(run_config, _op_names(shard_job)), instance=instance,
+            run_config=shard_config, instance=instance,
             partition_key=pk, raise_on_error=False, tags=tags,
         )
     if not all(r.success for r in result.shard_runs.values()):
         return result
     result.main_run = main_job.execute_in_process(
-        run_config=split_run_config(run_config, _op_names(main_job)), instance=instance,
+        run_config=main_config, instance=instance,
         raise_on_error=False, tags=tags,
     )
     return result
@@ -250,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.time()
     prepare_home(args.data)
-    from dagster import DagsterInstance
+    from dagster import DagsterInstance, DagsterInvalidConfigError
 
     from orchestration.definitions import resources, storage
 
@@ -270,8 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         new = register_shards(instance, storage)
         print(f"web shards: {len(new)} new partition(s) {new}", flush=True)
         partitions = instance.get_dynamic_partitions("web_shards") if args.all_shards else None
-        result = materialize_lineage(instance, resources, run_config, partitions=partitions,
-                                     tags={"blip-ops/entry": "orchestration.main"})
+        try:
+            result = materialize_lineage(instance, resources, run_config, partitions=partitions,
+                                         tags={"blip-ops/entry": "orchestration.main"})
+        except (ValueError, DagsterInvalidConfigError) as e:
+            print(f"error: {args.config or 'the run config'}: {e}", file=sys.stderr)
+            return 2
     print(summary(storage, result, time.time() - start))
     print(f"\nbrowse it: python -m orchestration.ui --data {args.data}  (http://127.0.0.1:3000)")
     return 0 if result.success else 1

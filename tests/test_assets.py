@@ -9,14 +9,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import TINY_RUN_CONFIG, TINY_WORLD
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, DagsterInstance, DagsterInvalidConfigError, materialize
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import CORPUS_CHECKS, HUMAN_CHECKS, WEB_CHECKS
 from orchestration.definitions import build_resources
 from orchestration.launcher import LocalLauncher
-from orchestration.main import materialize_lineage, register_shards, split_run_config, summary
+from orchestration.main import (
+    check_run_config,
+    lineage_definitions,
+    materialize_lineage,
+    register_shards,
+    split_run_config,
+    summary,
+)
 from orchestration.storage import LocalStorage, dataset_key
 
 ASSET_KEYS = ["web_shards", "human_pairs", "pretrained_med", "captioner", "filter", "synthetic_captions",
@@ -237,3 +245,22 @@ def test_checks_fail_with_their_observed_values(tmp_path, tiny_world):
     assert not length.passed and length.metadata["max_chars"].value > 12
     assert length.metadata["bounds"].value == [1, 12]
     assert all(checks[f"web_shards:{c}"].passed for c in WEB_CHECKS if c != "caption_length")
+
+
+def test_run_configs_are_checked_before_anything_runs(tmp_path, tiny_world):
+    _, resources, instance = _setup(tmp_path / "data", tiny_world)
+    defs = lineage_definitions(resources)
+    jobs = [defs.resolve_job_def("web_shards_job"), defs.resolve_job_def("bootstrap_job")]
+    recipes = sorted((Path(__file__).parents[1] / "orchestration" / "recipes").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:  # every shipped recipe names real ops and fields
+        config = yaml.safe_load(recipe.read_text())
+        shard_part, main_part = check_run_config(config, *jobs)
+        assert set(shard_part["ops"]) | set(main_part["ops"]) == set(config["ops"]), recipe.name
+    with pytest.raises(ValueError, match=r"unknown ops \['pretrained_mde'\]"):  # a typo was ignored
+        materialize_lineage(instance, resources, {"ops": {"pretrained_mde": {"config": {"max_steps": 5}}}})
+    with pytest.raises(DagsterInvalidConfigError, match="max_stepz"):
+        materialize_lineage(instance, resources, {"ops": {"pretrained_med": {"config": {"max_stepz": 5}}}})
+    with pytest.raises(ValueError, match="ops: "):
+        materialize_lineage(instance, resources, {"pretrained_med": {"config": {"max_steps": 5}}})
+    assert not instance.get_runs()  # each was refused before any run started
