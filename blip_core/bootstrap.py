@@ -146,7 +146,7 @@ def run_bootstrap(out: str | Path, cfg: BootstrapConfig = BootstrapConfig(),
             _say("filtering web texts and synthetic captions")
             build_corpus([str(filt)], [str(web)], synthetic, human, corpus, capfilt_cfg, progress)
         source = out / f"bootstrapped{tag}"
-        _say(f"pre-training from scratch on the bootstrapped corpus {corpus.name}")
+        _say(f"pre-training from scratch on the bootstrapped corpus in {corpus}")
         stages[source.name] = _train(
             stage_config(cfg, cfg.pretrain, "pretrain", [corpus], source), progress)
     manifest = json.loads((corpus / MANIFEST_FILE).read_text())
