@@ -126,11 +126,12 @@ def check_run_config(run_config: Mapping[str, Any] | None, *jobs: Any) -> list[d
                                    or not isinstance(run_config.get("ops", {}), Mapping)
                                    or set(run_config) - {"ops"}):
         raise ValueError("a lineage run config is {ops: {asset_or_check_op: {config: {...}}}}")
-    known = {name for job in jobs for name in _op_names(job)}
+    names = [_op_names(job) for job in jobs]
+    known = set().union(*names)
     unknown = sorted(set((run_config or {}).get("ops", {})) - known)
     if unknown:
         raise ValueError(f"the run config names unknown ops {unknown}; known: {sorted(known)}")
-    parts = [split_run_config(run_config, _op_names(job)) for job in jobs]
+    parts = [split_run_config(run_config, job_names) for job_names in names]
     for job, part in zip(jobs, parts, strict=True):
         validate_run_config(job, part)
     return parts

@@ -105,6 +105,13 @@ def _unavailable(uri: str, error: BaseException, what: str, hint: str = "") -> M
     return MlflowUnavailableError(f"MLflow tracking store {redact_uri(uri)} {what} ({cause}).{hint}")
 
 
+def _health(uri: str, timeout: float) -> Any:
+    """A tracking server's answer to ``GET /health`` (raises ``requests``' errors)."""
+    import requests
+
+    return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+
+
 def metric_key(name: str) -> str:
     """An MLflow-safe metric / param key: ``tr@1`` -> ``tr_at_1``; other odd characters -> ``_``."""
     return re.sub(r"[^\w.\- :/]", "_", name.replace("@", "_at_"))
@@ -203,7 +210,7 @@ class TrackedRun:
         import requests
 
         try:
-            return requests.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=2).ok
+            return _health(self.tracking_uri, timeout=2).ok
         except requests.RequestException:
             return False
 
@@ -449,9 +456,7 @@ class MlflowResource(ConfigurableResource):
             if uri.startswith("sqlite:///"):
                 Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             elif uri.startswith(("http://", "https://")):
-                import requests
-
-                requests.get(f"{uri.rstrip('/')}/health", timeout=self.connect_timeout_s).raise_for_status()
+                _health(uri, timeout=self.connect_timeout_s).raise_for_status()
             _set_fluent_uris(uri, self.registry_uri)
             client = self.client()
             exp = client.get_experiment_by_name(self.experiment)
