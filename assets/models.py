@@ -48,7 +48,10 @@ class TrainSettings(Config):
 
     preset: str = Field(default=RECIPE.preset, description="model preset: tiny, base, large")
     seed: int = Field(default=RECIPE.seed, description="seeds initialisation, data order, sampling")
-    precision: str = Field(default=RECIPE.precision, description="fp32, or bf16 on a GPU")
+    precision: str = Field(
+        default=RECIPE.precision,
+        description="fp32; bf16-lm: fp32 but the LM's vocabulary projection in bf16 (fast on CPUs "
+                    "with AVX512-BF16/AMX); bf16: autocast everywhere (GPUs)")
     device: str = Field(default=RECIPE.device, description="cpu or cuda")
     max_steps: int = Field(default=RECIPE.pretrain.max_steps, description="optimizer steps")
     batch_size: int = Field(default=RECIPE.pretrain.batch_size, description="pairs per step")

@@ -225,5 +225,8 @@ class MedLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         """(B, L, D) hidden states to (B, L, V) logits, projecting on the (tied) embeddings."""
-        h = self.norm(F.gelu(self.dense(hidden)))
-        return F.linear(h, word_embeddings, self.bias)
+        return F.linear(self.transform(hidden), word_embeddings, self.bias)
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The (…, D) inputs of the vocabulary projection: dense, GELU, norm."""
+        return self.norm(F.gelu(self.dense(hidden)))

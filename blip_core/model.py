@@ -134,7 +134,8 @@ class BlipModel(nn.Module):
     # --- training -----------------------------------------------------------------------
 
     def forward(
-        self, batch: TextBatch, alpha: float, losses: tuple[str, ...] = ("itc", "itm", "lm")
+        self, batch: TextBatch, alpha: float, losses: tuple[str, ...] = ("itc", "itm", "lm"),
+        lm_dtype: torch.dtype | None = None,
     ) -> BlipOutput:
         """One ViT forward and up to three text forwards; returns every requested loss term.
 
@@ -142,6 +143,8 @@ class BlipModel(nn.Module):
             batch: see :class:`TextBatch`.
             alpha: weight of the momentum model's soft ITC targets (ramped up by the trainer).
             losses: any of "itc", "itm", "lm".
+            lm_dtype: dtype of the LM's vocabulary projection (the costliest matmul); default
+                bf16 under bf16 autocast, else fp32.
         """
         unknown = set(losses) - {"itc", "itm", "lm"}
         if unknown:
@@ -159,7 +162,7 @@ class BlipModel(nn.Module):
             if "itm" in losses:
                 out["loss_itm"] = self._itm(batch, image_embeds, image_feat, text_feat)
         if "lm" in losses:
-            out["loss_lm"] = self._lm(batch, image_embeds)
+            out["loss_lm"] = self._lm(batch, image_embeds, lm_dtype)
         return BlipOutput(loss=sum(out.values()), **out)
 
     @torch.no_grad()
@@ -182,15 +185,22 @@ class BlipModel(nn.Module):
         self.train(was_training)
         return BlipOutput(loss=itc + itm + lm, loss_itc=itc, loss_itm=itm, loss_lm=lm)
 
-    def _lm(self, batch: TextBatch, image_embeds: torch.Tensor) -> torch.Tensor:
+    def _lm(self, batch: TextBatch, image_embeds: torch.Tensor,
+            lm_dtype: torch.dtype | None = None) -> torch.Tensor:
         ids = batch.lm_ids.clone()
         ids[:, 0] = DEC_TOKEN_ID
         hidden, _ = self.text_encoder(ids, batch.lm_mask, image_embeds, mode="decoder")
         targets = lm_labels(batch.lm_ids, PAD_TOKEN_ID, batch.prompt_length)[:, 1:]  # (B, L−1)
         scored = targets != IGNORE_INDEX
-        # The vocabulary projection is the costliest matmul: run it on scored positions only.
-        logits = self.lm_head(hidden[:, :-1][scored], self.text_encoder.embeddings.word_embeddings.weight)
-        return self.lm_loss.scored(logits, targets[scored])
+        if lm_dtype is None:
+            device = image_embeds.device.type
+            autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+            lm_dtype = torch.bfloat16 if autocast == torch.bfloat16 else torch.float32
+        # The vocabulary projection is the costliest matmul: scored positions only, fused with
+        # the loss so that the (T, V) logits never exist in fp32 at once.
+        h = self.lm_head.transform(hidden[:, :-1][scored]).float()
+        return self.lm_loss.projected(h, self.text_encoder.embeddings.word_embeddings.weight,
+                                      self.lm_head.bias, targets[scored], lm_dtype)
 
     def _itc(
         self, batch: TextBatch, image_feat: torch.Tensor, text_feat: torch.Tensor, alpha: float

@@ -15,6 +15,7 @@ from blip_core.losses import (
     ItcLoss,
     LmLoss,
     SoftCrossEntropy,
+    linear_cross_entropy,
     lm_labels,
     positive_mask,
     sample_hard_negatives,
@@ -113,6 +114,47 @@ def test_label_smoothing_by_hand():
     z = math.log(math.exp(2) + 3)
     assert_close(LmLoss(0.1)(logits, labels), torch.tensor(z - 1.85))
     assert_close(LmLoss(0.0)(logits, labels), torch.tensor(z - 2.0))
+
+
+def _projection_case(rows: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, 16, generator=g).requires_grad_()
+    weight = (torch.randn(300, 16, generator=g) * 0.3).requires_grad_()
+    bias = (torch.randn(300, generator=g) * 0.1).requires_grad_()
+    return hidden, weight, bias, torch.randint(0, 300, (rows,), generator=g)
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 130])  # one chunk, chunk edges, a ragged last chunk
+def test_fused_projection_loss_and_gradients_equal_the_unfused_ones(rows):
+    hidden, weight, bias, targets = _projection_case(rows)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), targets, label_smoothing=0.1)
+    ref_grads = torch.autograd.grad(ref * 3.0, (hidden, weight, bias))  # upstream grad 3
+    fused = linear_cross_entropy(hidden, weight, bias, targets, 0.1)
+    assert_close(fused, ref)
+    for got, want in zip(torch.autograd.grad(fused * 3.0, (hidden, weight, bias)), ref_grads, strict=True):
+        assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_projection_in_bf16_is_close_and_fp32_out():
+    hidden, weight, bias, targets = _projection_case(100)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), targets, label_smoothing=0.1)
+    ref_grad = torch.autograd.grad(ref, weight)[0]
+    fused = linear_cross_entropy(hidden, weight, bias, targets, 0.1, matmul_dtype=torch.bfloat16)
+    grad = torch.autograd.grad(fused, weight)[0]
+    assert fused.dtype == grad.dtype == torch.float32
+    assert_close(fused, ref, atol=2e-2, rtol=1e-2)
+    assert_close(grad, ref_grad, atol=2e-2 * ref_grad.abs().max().item(), rtol=0.05)
+
+
+def test_fused_projection_without_grad_and_without_rows():
+    hidden, weight, bias, targets = _projection_case(10)
+    with torch.no_grad():
+        assert_close(linear_cross_entropy(hidden, weight, bias, targets),
+                     F.cross_entropy(F.linear(hidden, weight, bias), targets))
+    empty = linear_cross_entropy(hidden[:0], weight, bias, targets[:0], 0.1)
+    assert empty.item() == 0.0
+    empty.backward()  # a batch with nothing to score still trains the other terms
+    assert weight.grad.abs().sum() == 0
 
 
 def test_prompt_tokens_and_padding_are_not_scored(tokenizer):

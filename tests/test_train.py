@@ -43,10 +43,12 @@ def _fixed_batch(world: Path) -> TextBatch:
 
 
 def test_tiny_pretraining_lowers_all_three_losses(world, tmp_path):
+    """With the embedded recipe's precision (bf16 LM projection); the other tests train in fp32."""
     batch = _fixed_batch(world)
     torch.manual_seed(3)
     before = BlipModel(model_preset("tiny")).evaluation_losses(batch).terms()
-    result = train(_cfg(world, tmp_path / "run", max_steps=60, log_every=10, save_every=100))
+    result = train(_cfg(world, tmp_path / "run", max_steps=60, log_every=10, save_every=100,
+                        precision="bf16-lm"))
     after = load_model(result.checkpoint).evaluation_losses(batch).terms()
     for term in ("itc", "itm", "lm"):
         assert after[term] < before[term], (term, before, after)
