@@ -160,14 +160,17 @@ def sample_top_p(
     ``top_p`` (at least the most likely token), renormalised. Each row's set is looked for among
     its top 64 tokens first, then the top 1024, and in the whole vocabulary only when that row
     needs more, so that peaked rows cost a small ``topk`` whatever the flat rows beside them need.
+    A row whose most likely token alone reaches ``top_p`` takes it without a draw.
     """
     probs = logits.softmax(-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
     vocab = probs.shape[-1]
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    todo = torch.arange(probs.shape[0], device=probs.device)  # rows whose set is not found yet
+    best, out = probs.max(-1)  # a set of one token: no topk, no draw
+    todo = (best < top_p).nonzero()[:, 0]  # rows whose set is not found yet
     for k in (min(64, vocab), min(1024, vocab), vocab):
+        if todo.numel() == 0:
+            break
         top, ids = probs[todo].topk(k, dim=-1)  # (r, k), most likely first
         done = top.sum(-1) >= top_p if k < vocab else torch.ones_like(todo, dtype=torch.bool)
         if bool(done.any()):
@@ -175,8 +178,6 @@ def sample_top_p(
             top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)  # mass ranked ahead >= top_p
             out[todo[done]] = ids.gather(1, torch.multinomial(top, 1, generator=generator))[:, 0]
             todo = todo[~done]
-        if todo.numel() == 0:
-            break
     return out
 
 
