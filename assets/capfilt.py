@@ -25,7 +25,7 @@ from assets.common import (
     stopwatch,
 )
 from assets.models import RECIPE
-from blip_core.capfilt import CapfiltConfig
+from blip_core.capfilt import CapfiltConfig, describe_threshold
 from orchestration.dvc_resource import DVC_POOL, DvcResource
 from orchestration.storage import Dataset, StorageResource
 
@@ -58,10 +58,15 @@ class CorpusSettings(Config):
 
     threshold: float | None = Field(
         default=_CAPFILT.threshold,
-        description="a text is noisy when its ITM match probability is below this; empty: calibrated "
-                    "on the human val split (Youden's J), the paper's argmax rule is 0.5")
+        description="a text is noisy when its ITM match probability is below this; empty: "
+                    "calibrated (see calibration); the paper's argmax rule is 0.5")
+    calibration: str = Field(
+        default=_CAPFILT.calibration,
+        description="how an empty threshold is calibrated: web = Otsu's cut of the web texts' own "
+                    "scores (label-free; falls back to human when they show no two modes), human = "
+                    "Youden's J on calibration_split")
     calibration_split: str = Field(default=_CAPFILT.calibration_split,
-                                   description="human split the empty threshold is calibrated on")
+                                   description="human split of the 'human' calibration")
     use_synthetic: bool = Field(
         default=_CAPFILT.use_synthetic,
         description="put the synthetic captions the filter keeps into the corpus (the paper's C + F); "
@@ -73,7 +78,10 @@ class CorpusSettings(Config):
 
     def to_capfilt(self) -> CapfiltConfig:
         """The blip_core configuration."""
-        return CapfiltConfig(threshold=self.threshold, calibration_split=self.calibration_split,
+        if self.calibration not in ("web", "human"):
+            raise ValueError(f"calibration must be web or human, not {self.calibration!r}")
+        return CapfiltConfig(threshold=self.threshold, calibration=self.calibration,  # type: ignore[arg-type]
+                             calibration_split=self.calibration_split,
                              use_synthetic=self.use_synthetic, batch_size=self.batch_size,
                              shard_size=self.shard_size, device=self.device)
 
@@ -161,10 +169,7 @@ def bootstrapped_corpus(context: AssetExecutionContext, config: CorpusSettings, 
         "use_synthetic": MetadataValue.bool(bool(manifest.get("use_synthetic", True))),
         "dagster/row_count": MetadataValue.int(manifest["total"]),
         "threshold": MetadataValue.float(float(manifest["threshold"])),
-        "threshold_source": MetadataValue.text(
-            "fixed" if manifest.get("calibration") is None else
-            "calibrated on human {split}: Youden's J {youden_j:.3f} (TPR {tpr:.3f}, FPR {fpr:.3f})"
-            .format(**manifest["calibration"])),
+        "threshold_source": MetadataValue.text(describe_threshold(manifest.get("calibration"))),
         "web_noise_ratio": MetadataValue.float(round(noise["web"], 4)),
         "synthetic_noise_ratio": MetadataValue.float(round(noise["synthetic"], 4)),
         "counts": MetadataValue.json(counts),

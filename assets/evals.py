@@ -115,7 +115,8 @@ def evaluate(context: AssetExecutionContext, config: EvalSettings, storage: Stor
     atomic_write_json(out / "report.json", {
         **{name: {k: results[name][k] for k in METRIC_KEYS} for name in models},
         "filter": {**({"precision": quality["precision"], "recall": quality["recall"]}
-                      if quality else {}), "threshold": manifest["threshold"]},
+                      if quality else {}), "threshold": manifest["threshold"],
+                   "calibration": manifest.get("calibration")},
         "corpus": manifest["counts"],
         "noise_ratio": manifest["noise_ratio"],
         "checkpoints": {name: ds.uri for name, ds in models.items()},

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from blip_core.capfilt import MANIFEST_FILE, CapfiltConfig, build_corpus, caption_web, filter_quality
+from blip_core.capfilt import (
+    MANIFEST_FILE,
+    CapfiltConfig,
+    build_corpus,
+    caption_web,
+    describe_threshold,
+    filter_quality,
+)
 from blip_core.checkpoint import is_checkpoint
 from blip_core.config import TrainConfig, apply_overrides, load_yaml, to_dict
 from blip_core.data.shapes import WorldConfig, generate_world
@@ -197,7 +204,7 @@ def summary(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"filter on web noise: precision {f['precision']:.3f}, recall {f['recall']:.3f} "
-        f"(threshold {f['threshold']})",
+        f"(threshold {f['threshold']:.4f}: {describe_threshold(f.get('calibration'))})",
         f"corpus: web kept {c['web_kept']}, removed {c['web_removed']}; synthetic kept "
         f"{c['synthetic_kept']}, removed {c['synthetic_removed']}"
         f"{'' if c.get('use_synthetic', True) else ' (not put in the corpus)'}; human {c['human']}",

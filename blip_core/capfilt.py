@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,10 +34,14 @@ class CapfiltConfig:
     """How captions are generated and texts filtered."""
 
     # A text is noisy when its ITM match probability is below the threshold. None: calibrate it
-    # on ``calibration_split`` of the human annotations (see calibrate_threshold); a number: use it
-    # (the paper's argmax rule is 0.5).
+    # (see ``calibration``); a number: use it (the paper's argmax rule is 0.5).
     threshold: float | None = None
-    calibration_split: str = "val"  # held-out human split the threshold is calibrated on
+    # web: from the web texts' own scores, which split into a tight low mode of noisy texts and a
+    # broad high one of clean texts (otsu_threshold; label-free); human: on calibration_split
+    # of the human annotations (calibrate_threshold). web falls back to human when its scores do
+    # not split into two clear modes.
+    calibration: Literal["web", "human"] = "web"
+    calibration_split: str = "val"  # held-out human split of the "human" calibration
     method: Literal["nucleus", "beam", "greedy"] = "nucleus"  # paper: nucleus is more diverse, better
     top_p: float = 0.9  # nucleus sampling mass
     num_beams: int = 3  # beam search width
@@ -249,6 +253,83 @@ def youden_threshold(pos: Sequence[float], neg: Sequence[float]) -> dict[str, fl
             "tpr": float(tpr[best]), "fpr": float(fpr[best])}
 
 
+def otsu_threshold(probs: Sequence[float], min_separability: float = 0.8) -> dict[str, Any]:
+    """A label-free threshold from the scored texts alone: Otsu's cut of their logit(p).
+
+    A filter is sure that noisy texts do not match (a tight low mode of logits) and less sure
+    about clean ones, terse alt-texts most of all (a broad high mode). Otsu's cut splits the
+    texts into the two groups of least within-group variance; the share below it estimates the
+    noise share. Exact: every cut between two sorted scores is tried.
+
+    Args:
+        probs: match probabilities of the texts to filter (at least 20).
+        min_separability: least between-group share of the variance (Otsu's η) for two modes.
+            One Gaussian mode gives η = 2/π ≈ 0.64 and would be cut in half; the web texts of the
+            embedded default give 0.86–0.91.
+
+    Returns:
+        ``threshold`` (halfway between the two scores it separates, in logit), ``separability``
+        (η), ``noise_share`` (share of the texts below), ``texts``.
+
+    Raises:
+        ValueError: too few texts, or the scores do not split into two clear modes.
+    """
+    import numpy as np
+
+    p = np.clip(np.asarray(probs, dtype=float), 1e-6, 1 - 1e-6)
+    if len(p) < 20:
+        raise ValueError(f"{len(p)} scores are too few to split into two modes (20 at least)")
+    x = np.sort(np.log(p / (1 - p)))
+    n, k = len(x), np.arange(1, len(x))  # cut after the k lowest
+    total = np.cumsum(x)
+    low, high = total[:-1] / k, (total[-1] - total[:-1]) / (n - k)
+    between = np.where(x[1:] > x[:-1], k * (n - k) / n**2 * (low - high) ** 2, -1.0)
+    best = int(np.argmax(between))
+    separability = float(between[best] / x.var()) if x.var() > 0 else 0.0
+    if separability < min_separability:
+        raise ValueError(f"the scores do not split into two clear modes (Otsu's η "
+                         f"{separability:.3f} < {min_separability})")
+    cut = (x[best] + x[best + 1]) / 2
+    return {"threshold": float(1 / (1 + np.exp(-cut))), "separability": separability,
+            "noise_share": (best + 1) / n, "texts": n}
+
+
+def choose_threshold(
+    rows: Sequence[dict[str, Any]], cfg: CapfiltConfig, calibrate_human: Callable[[], dict[str, Any]]
+) -> tuple[float, dict[str, Any] | None]:
+    """The threshold of ``cfg`` for scored ``rows``, and how it was chosen (None when fixed).
+
+    Args:
+        rows: scored texts (:func:`score_texts`); the web ones calibrate ``calibration="web"``.
+        calibrate_human: runs :func:`calibrate_threshold`, only when it is needed.
+    """
+    if cfg.threshold is not None:
+        return cfg.threshold, None
+    fallback = None
+    if cfg.calibration == "web":
+        try:
+            fit = otsu_threshold([r["prob"] for r in rows if r["source"] == "web"])
+            return fit["threshold"], {"method": "web", **fit}
+        except ValueError as e:
+            fallback = str(e)
+    found = calibrate_human()
+    return found["threshold"], {"method": "human", **found,
+                                **({"fallback_reason": fallback} if fallback else {})}
+
+
+def describe_threshold(calibration: dict[str, Any] | None) -> str:
+    """One line on how a corpus threshold was chosen (its manifest's ``calibration``)."""
+    if calibration is None:
+        return "fixed"
+    if calibration.get("method") == "web":
+        return ("Otsu's cut of the {texts} web texts' scores: separability {separability:.3f}, "
+                "{noise_share:.1%} below".format(**calibration))
+    line = ("calibrated on human {split}: Youden's J {youden_j:.3f} (TPR {tpr:.3f}, FPR {fpr:.3f})"
+            .format(**calibration))
+    return line + (f"; web calibration failed: {calibration['fallback_reason']}"
+                   if "fallback_reason" in calibration else "")
+
+
 def build_corpus(
     filters: Sequence[str],
     web: Sequence[str],
@@ -268,13 +349,10 @@ def build_corpus(
     """
     start = time.time()
     ann = Path(human_annotations)
-    calibration = None
-    threshold = cfg.threshold
-    if threshold is None:
-        calibration = calibrate_threshold(filters, f"{ann}:{cfg.calibration_split}", cfg, progress)
-        threshold = calibration["threshold"]
     synth = read_synthetic(synthetic) if synthetic else {}
     rows = score_texts(filters, web, synth, cfg, progress)
+    threshold, calibration = choose_threshold(rows, cfg, lambda: calibrate_threshold(
+        filters, f"{ann}:{cfg.calibration_split}", cfg, progress))
     for row in rows:
         row["kept"] = row["prob"] >= threshold
     kept_by_key: dict[str, list[dict[str, Any]]] = {}  # what goes into the corpus, by web key
@@ -432,9 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(default OUT.synthetic)")
     p.add_argument("--threshold", type=_threshold, default=d.threshold,
                    help="a fixed ITM probability below which a text is noisy (the paper's argmax: "
-                        "0.5), or 'auto' (default): calibrated on --calibration-split")
+                        "0.5), or 'auto' (default): calibrated, see --calibration")
+    p.add_argument("--calibration", choices=["web", "human"], default=d.calibration,
+                   help="how 'auto' calibrates: web (default) = Otsu's cut of the web texts' own "
+                        "scores, label-free (falls back to human when they show no two modes); "
+                        "human = Youden's J on --calibration-split")
     p.add_argument("--calibration-split", default=d.calibration_split,
-                   help="split of --human the 'auto' threshold is calibrated on (default: %(default)s)")
+                   help="split of --human the 'human' calibration uses (default: %(default)s)")
     p.add_argument("--method", choices=["nucleus", "beam", "greedy"], default=d.method)
     p.add_argument("--num-captions", type=int, default=d.num_captions)
     p.add_argument("--use-synthetic", type=parse_bool, default=d.use_synthetic, metavar="true|false",
@@ -445,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=d.device)
     p.add_argument("--truth", type=Path, help="web_truth.jsonl: also report filter precision/recall")
     args = p.parse_args(argv)
-    cfg = replace(d, threshold=args.threshold, calibration_split=args.calibration_split,
+    cfg = replace(d, threshold=args.threshold, calibration=args.calibration,
+                  calibration_split=args.calibration_split,
                   method=args.method, num_captions=args.num_captions, use_synthetic=args.use_synthetic,
                   batch_size=args.batch_size,
                   seed=args.seed, device=args.device)

@@ -212,6 +212,7 @@ def preset_run_config(preset: str) -> dict[str, Any]:
 def summary(storage: StorageResource, result: LineageResult, seconds: float) -> str:
     """Baseline vs bootstrapped metrics, noise ratios, filter quality, checks and artefacts."""
     from assets.checks import checks_table
+    from blip_core.capfilt import describe_threshold
     from orchestration.storage import dataset_key
 
     lines: list[str] = []
@@ -226,7 +227,8 @@ def summary(storage: StorageResource, result: LineageResult, seconds: float) -> 
         noise, counts, filt = report["noise_ratio"], report["corpus"], report["filter"]
         lines += ["", "## CapFilt",
                   f"noise ratio (share removed by the filter): web {noise['web']:.3f}, "
-                  f"synthetic {noise['synthetic']:.3f}  (threshold {filt['threshold']})",
+                  f"synthetic {noise['synthetic']:.3f}  (threshold {filt['threshold']:.4f}: "
+                  f"{describe_threshold(filt.get('calibration'))})",
                   f"corpus: human {counts['human']}, web kept {counts['web_kept']} / removed "
                   f"{counts['web_removed']}, synthetic kept {counts['synthetic_kept']} / removed "
                   f"{counts['synthetic_removed']}"]

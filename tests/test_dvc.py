@@ -182,6 +182,7 @@ def test_params_are_the_default_recipe_of_the_assets():
                                  "warmup_steps": s.warmup_steps}, stage
     assert params["model"] == {"preset": recipe.preset, "seed": recipe.seed, "precision": recipe.precision}
     assert recipe.capfilt.threshold is None and params["capfilt"]["threshold"] == "auto"
+    assert params["capfilt"]["calibration"] == recipe.capfilt.calibration
     assert (params["capfilt"]["method"], params["capfilt"]["num_captions"],
             params["capfilt"]["use_synthetic"]) == (
         recipe.capfilt.method, recipe.capfilt.num_captions, recipe.capfilt.use_synthetic)

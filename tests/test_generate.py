@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -304,6 +305,56 @@ def test_youden_threshold_on_hand_checked_scores():
     assert youden_threshold([0.2, 0.9], [0.01, 0.1])["threshold"] == pytest.approx(0.15)
     with pytest.raises(ValueError, match="positive and negative"):
         youden_threshold([0.5], [])
+
+
+def _sigmoid(logits):
+    return [1.0 / (1.0 + math.exp(-z)) for z in logits]
+
+
+def test_otsu_threshold_on_hand_checked_scores():
+    from blip_core.capfilt import otsu_threshold
+
+    # Logits: 10 at -6, 10 at -4, 20 at 2 (mean -1.5, variance 12.75). Cut above -4: groups of
+    # means -5 and 2, between-group variance 0.25 * 49 = 12.25 (above -6 only: 6.75), so the cut
+    # is halfway between -4 and 2, at logit -1, with η = 12.25 / 12.75.
+    fit = otsu_threshold(_sigmoid([-6.0] * 10 + [-4.0] * 10 + [2.0] * 20))
+    assert fit["threshold"] == pytest.approx(1.0 / (1.0 + math.e))
+    assert fit["separability"] == pytest.approx(12.25 / 12.75)
+    assert (fit["noise_share"], fit["texts"]) == (0.5, 40)
+
+
+def test_otsu_threshold_refuses_one_mode_and_too_few_scores():
+    from blip_core.capfilt import otsu_threshold
+
+    one_mode = torch.randn(3000, generator=torch.Generator().manual_seed(0)).tolist()
+    with pytest.raises(ValueError, match="two clear modes"):
+        otsu_threshold(_sigmoid(one_mode))  # η of one Gaussian: 2/π ≈ 0.64
+    with pytest.raises(ValueError, match="too few"):
+        otsu_threshold([0.01] * 5 + [0.9] * 5)
+
+
+def test_choose_threshold_web_then_human_fallback_then_fixed():
+    from blip_core.capfilt import CapfiltConfig, choose_threshold, otsu_threshold
+
+    two_modes = _sigmoid([-6.0] * 10 + [-4.0] * 10 + [2.0] * 20)
+    rows = [{"source": "web", "prob": p} for p in two_modes]
+    rows += [{"source": "synthetic", "prob": 0.999}] * 40  # synthetic scores do not calibrate
+    human = {"threshold": 0.3, "youden_j": 0.9, "tpr": 0.95, "fpr": 0.05, "split": "x.json:val"}
+    asked: list[int] = []
+
+    def calibrate_human():
+        asked.append(1)
+        return human
+
+    threshold, how = choose_threshold(rows, CapfiltConfig(), calibrate_human)
+    assert threshold == otsu_threshold(two_modes)["threshold"] and how["method"] == "web"
+    assert asked == []  # the human split is not scored when the web calibration works
+    flat = [{"source": "web", "prob": 0.5}] * 40
+    threshold, how = choose_threshold(flat, CapfiltConfig(), calibrate_human)
+    assert threshold == 0.3 and how["method"] == "human" and "two clear modes" in how["fallback_reason"]
+    threshold, how = choose_threshold(rows, CapfiltConfig(calibration="human"), calibrate_human)
+    assert threshold == 0.3 and "fallback_reason" not in how and len(asked) == 2
+    assert choose_threshold(rows, CapfiltConfig(threshold=0.5), calibrate_human) == (0.5, None)
 
 
 def test_filter_quality_counts_web_decisions_and_synthetic_correctness(tmp_path):
