@@ -51,10 +51,11 @@ class BootstrapConfig:
     world: WorldConfig = field(default_factory=WorldConfig)  # the shapes world to generate
     # From-scratch tiny models want larger learning rates than the paper's ViT-B (3e-4, 1e-5..2e-5).
     # Steps matter more than batch size here: 600 steps of 32 pairs retrieve better than 300 of 64
-    # (and as well as 600 of 64) at half the cost; see the closing note of the CapFilt issue.
-    pretrain: Stage = Stage(max_steps=600, lr=1e-3)  # both pre-trainings (baseline, bootstrapped)
-    captioner: Stage = Stage(max_steps=300, lr=5e-4)  # LM fine-tune on human train
-    filter: Stage = Stage(max_steps=600, lr=1e-3)  # ITC + ITM fine-tune on human train
+    # (and as well as 600 of 64) at half the cost. Retrieval takes off between 600 and 1800
+    # pre-training steps; 900 is what fits in 10 minutes on 2 cores (README, "Steps, time ...").
+    pretrain: Stage = Stage(max_steps=900, lr=1e-3)  # both pre-trainings (baseline, bootstrapped)
+    captioner: Stage = Stage(max_steps=200, lr=5e-4)  # LM fine-tune on human train
+    filter: Stage = Stage(max_steps=600, lr=1e-3)  # ITC + ITM fine-tune; 400 filter worse
     # Generation and filtering. The tiny captioner of this CPU recipe names the colours but not the
     # shapes (kinds right in ~24% of captions, near chance): ~95% of the synthetic captions the
     # filter keeps are wrong for their image, which made the corpus noisier than the web. So they
@@ -66,7 +67,9 @@ class BootstrapConfig:
     eval_method: str = "greedy"  # caption decoding for captioning metrics
     seed: int = 0  # seeds the world, training and sampling
     device: str = "cpu"  # "cuda" on a GPU
-    precision: str = "fp32"  # "bf16" on a GPU
+    # bf16-lm: fp32 but the LM's vocabulary projection (fast on CPUs with AVX512-BF16/AMX, slow on
+    # others: use fp32 there); "bf16" on a GPU
+    precision: str = "bf16-lm"
 
 
 def stage_config(cfg: BootstrapConfig, stage: Stage, task: str, data: Sequence[str], out: Path,
