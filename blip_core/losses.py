@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
@@ -144,6 +145,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the gradients come out of forward: no graph for a second derivative
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return grad_hidden * grad, grad_weight * grad, grad_bias * grad, None, None, None, None
@@ -195,14 +197,15 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     *,
     matmul_dtype: torch.dtype = torch.float32,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), targets, label_smoothing=...)``, fused.
 
     The projection and the loss run chunk by chunk of rows: a chunk's fp32 logits stay in cache
     while its loss and the gradient of its logits are computed in place, and only that gradient
     is kept, (T, V) in ``matmul_dtype``, for the two gradient matmuls. ``torch.bfloat16``
-    multiplies in bf16 (fp32 accumulation; log-sum-exp and loss in fp32): for 296 rows of the
+    multiplies in bf16 as autocast would (bf16 inputs and outputs, fp32 accumulation inside the
+    matmul; log-sum-exp and loss in fp32; gradients within ~1% of fp32): for 296 rows of the
     30,524-token vocabulary on 2 AVX512-BF16 cores, forward + backward take 26 ms, against 91 ms
     unfused in fp32 and 63 ms fused in fp32.
 
@@ -210,12 +213,14 @@ def linear_cross_entropy(
         hidden: (T, D) inputs of the projection; every row is scored (gather them first).
         weight: (V, D) projection (BLIP ties it to the word embeddings); bias: (V,).
         targets: (T,) class indices in [0, V).
+        chunk_size: rows per chunk; default 64 on CPUs (cache-sized), 4096 on GPUs.
 
     Returns:
         The mean loss over the T rows (0 for T = 0, still connected to the inputs).
     """
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum() + bias.sum()) * 0.0
+    chunk_size = chunk_size or (64 if hidden.device.type == "cpu" else 4096)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or bias.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, bias, targets, label_smoothing,
                                          matmul_dtype, chunk_size)
