@@ -284,8 +284,8 @@ def otsu_threshold(probs: Sequence[float], min_separability: float = 0.8) -> dic
     total = np.cumsum(x)
     low, high = total[:-1] / k, (total[-1] - total[:-1]) / (n - k)
     between = np.where(x[1:] > x[:-1], k * (n - k) / n**2 * (low - high) ** 2, -1.0)
-    best = int(np.argmax(between))
-    separability = float(between[best] / x.var()) if x.var() > 0 else 0.0
+    best, variance = int(np.argmax(between)), x.var()
+    separability = float(between[best] / variance) if variance > 0 else 0.0
     if separability < min_separability:
         raise ValueError(f"the scores do not split into two clear modes (Otsu's η "
                          f"{separability:.3f} < {min_separability})")

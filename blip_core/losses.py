@@ -154,38 +154,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                targets: torch.Tensor, eps: float, dtype: torch.dtype, chunk_size: int,
                with_grads: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    with torch.autocast(hidden.device.type, enabled=False):  # the dtype is explicit here
-        return _linear_ce_loop(hidden, weight, bias, targets, eps, dtype, chunk_size, with_grads)
-
-
-def _linear_ce_loop(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    targets: torch.Tensor, eps: float, dtype: torch.dtype, chunk_size: int,
-                    with_grads: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     n, vocab = hidden.shape[0], weight.shape[0]
     h, w, b = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_logits = torch.empty(n, vocab, dtype=dtype, device=hidden.device) if with_grads else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
-    for start in range(0, n, chunk_size):
-        rows = slice(start, start + chunk_size)
-        logits = torch.addmm(b, h[rows], w.t()).float()  # (c, V), fp32 from here on
-        y = targets[rows]
-        at_y, z_sum = logits.gather(1, y[:, None]).squeeze(1), logits.sum(1)
-        z_max = logits.amax(1, keepdim=True)
-        e = logits.sub_(z_max).exp_()  # in place: the exponentials serve the loss and the softmax
-        e_sum = e.sum(1)
-        lse = z_max.squeeze(1) + e_sum.log()
-        # −[(1 − ε) log p_y + ε/V Σ_c log p_c] = lse − (1 − ε) z_y − ε/V Σ_c z_c
-        total += (lse - (1.0 - eps) * at_y - eps / vocab * z_sum).sum()
-        if grad_logits is not None:  # d loss / d z = softmax − (1 − ε) onehot − ε/V, over n rows
-            grad = e.mul_((1.0 / (e_sum * n))[:, None]).sub_(eps / (vocab * n))
-            grad.scatter_add_(1, y[:, None], grad.new_full((len(y), 1), -(1.0 - eps) / n))
-            grad_bias += grad.sum(0)
-            grad_logits[rows] = grad
-    if grad_logits is None:
-        return total / n, ()
-    grad_hidden = (grad_logits @ w).to(hidden.dtype)
-    grad_weight = (grad_logits.t() @ h).to(weight.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):  # the matmul dtype is explicit here
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = torch.addmm(b, h[rows], w.t()).float()  # (c, V), fp32 from here on
+            y = targets[rows]
+            at_y, z_sum = logits.gather(1, y[:, None]).squeeze(1), logits.sum(1)
+            z_max = logits.amax(1, keepdim=True)
+            e = logits.sub_(z_max).exp_()  # in place: the exponentials serve loss and softmax
+            e_sum = e.sum(1)
+            lse = z_max.squeeze(1) + e_sum.log()
+            # −[(1 − ε) log p_y + ε/V Σ_c log p_c] = lse − (1 − ε) z_y − ε/V Σ_c z_c
+            total += (lse - (1.0 - eps) * at_y - eps / vocab * z_sum).sum()
+            if grad_logits is not None:  # d loss / d z = softmax − (1 − ε) onehot − ε/V, / n
+                grad = e.mul_((1.0 / (e_sum * n))[:, None]).sub_(eps / (vocab * n))
+                grad.scatter_add_(1, y[:, None], grad.new_full((len(y), 1), -(1.0 - eps) / n))
+                grad_bias += grad.sum(0)
+                grad_logits[rows] = grad
+        if grad_logits is None:
+            return total / n, ()
+        grad_hidden = (grad_logits @ w).to(hidden.dtype)
+        grad_weight = (grad_logits.t() @ h).to(weight.dtype)
     return total / n, (grad_hidden, grad_weight, grad_bias.to(bias.dtype))
 
 
