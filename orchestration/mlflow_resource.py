@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 from dagster import ConfigurableResource, InitResourceContext
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
@@ -458,19 +459,28 @@ class MlflowResource(ConfigurableResource):
             elif uri.startswith(("http://", "https://")):
                 _health(uri, timeout=self.connect_timeout_s).raise_for_status()
             _set_fluent_uris(uri, self.registry_uri)
-            client = self.client()
-            exp = client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                exp_id = client.create_experiment(self.experiment,
-                                                  artifact_location=self.resolved_artifact_location())
-            else:
-                exp_id = exp.experiment_id
+            exp_id = self._get_or_create_experiment(self.client())
         except Exception as e:
             raise _unavailable(uri, e, "is not usable", (
                 " Start the server (mlflow/start_server.sh), fix MLFLOW_TRACKING_URI, or unset it to "
                 "use the embedded SQLite store under the data folder.")) from None
         self._experiment_id = exp_id
         return exp_id
+
+    def _get_or_create_experiment(self, client: MlflowClient) -> str:
+        """The experiment's id, created if missing; a step that loses the race to create it reads
+        the winner's (parallel steps connect at once to a fresh store)."""
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(self.experiment,
+                                            artifact_location=self.resolved_artifact_location())
+        except MlflowException:
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     # --- runs ------------------------------------------------------------------------------
 

@@ -153,6 +153,25 @@ def test_a_failing_asset_ends_its_run_failed_and_the_parent_too(tracking: Mlflow
     assert "out of memory" in child.data.tags["error"]
 
 
+def test_steps_that_connect_at_once_to_a_fresh_store_share_one_experiment(tracking: MlflowResource):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    for round_ in range(3):  # each round a new experiment, created by whichever step gets there first
+        steps = [tracking.model_copy(update={"experiment": f"race-{round_}"}) for _ in range(6)]
+        start = threading.Barrier(len(steps))
+
+        def connect(step: MlflowResource, start: threading.Barrier = start) -> str:
+            start.wait()
+            return step.connect()
+
+        with ThreadPoolExecutor(len(steps)) as pool:
+            ids = set(pool.map(connect, steps))
+        assert len(ids) == 1
+        assert [e.experiment_id for e in tracking.client().search_experiments()
+                if e.name == f"race-{round_}"] == list(ids)
+
+
 def test_parent_run_is_created_once_even_when_steps_race(tracking: MlflowResource):
     from concurrent.futures import ThreadPoolExecutor
 
