@@ -77,6 +77,7 @@ class MedAttention(nn.Module):
         mask: torch.Tensor | None = None,
         past: KV | None = None,
         static_past: bool = False,
+        first_only: bool = False,
     ) -> tuple[torch.Tensor, KV]:
         """Attend from ``x`` (B, L, D) to itself, or to ``context`` (B, M, Dkv) when given.
 
@@ -84,12 +85,15 @@ class MedAttention(nn.Module):
             mask: boolean, broadcastable to (B, H, L, keys); True where attention is allowed.
             past: cached keys/values (B, H, P, Dh). Self-attention appends to them; with
                 ``static_past`` (cross-attention) they are reused as they are.
+            first_only: attend from the first token alone (keys and values still from every
+                token); the output is then (B, 1, D). ``mask`` must not depend on the query.
 
         Returns:
             The output (B, L, D) and the keys/values to cache.
         """
-        b, length, d = x.shape
-        q = self._heads(self.query(x))
+        queries = x[:, :1] if first_only else x
+        b, length, d = queries.shape
+        q = self._heads(self.query(queries))
         if past is not None and static_past:
             k, v = past
         else:
@@ -101,7 +105,7 @@ class MedAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(b, length, d)  # (B, L, D)
         out = F.dropout(self.dense(out), drop, self.training)
-        return self.norm(out + x), (k, v)
+        return self.norm(out + queries), (k, v)
 
 
 class MedMLP(nn.Module):
@@ -135,9 +139,11 @@ class MedLayer(nn.Module):
         image_embeds: torch.Tensor | None,
         mode: Mode,
         past: LayerCache | None = None,
+        first_only: bool = False,
     ) -> tuple[torch.Tensor, LayerCache]:
+        """``first_only``: the output is the first token's alone, (B, 1, D) (encoder modes)."""
         attn = self.self_attn_causal if mode == "decoder" else self.self_attn
-        x, self_kv = attn(x, mask=self_mask, past=past[0] if past else None)
+        x, self_kv = attn(x, mask=self_mask, past=past[0] if past else None, first_only=first_only)
         cross_kv = None
         if mode != "text":
             if image_embeds is None and not (past and past[1] is not None):
@@ -165,6 +171,7 @@ class MedModel(nn.Module):
         mode: Mode = "text",
         past_key_values: list[LayerCache] | None = None,
         use_cache: bool = False,
+        first_only: bool = False,
     ) -> tuple[torch.Tensor, list[LayerCache] | None]:
         """Encode or decode a batch of token ids.
 
@@ -173,10 +180,15 @@ class MedModel(nn.Module):
             attention_mask: (B, P + L) with 1 for real tokens, 0 for padding (P cached tokens).
             image_embeds: (B, N, Dv) image tokens for the grounded modes.
             past_key_values: decoder cache from a previous call (generation).
+            first_only: return the first token's hidden state alone, (B, 1, D): the last layer
+                then runs its queries, cross-attention and MLP for that token only ([CLS] / [ENC]
+                features for ITC and ITM). Encoder modes, no cache.
 
         Returns:
             Hidden states (B, L, D) and, with ``use_cache``, the cache for the next call.
         """
+        if first_only and (mode == "decoder" or use_cache or past_key_values):
+            raise ValueError("first_only is for the encoder modes, without a cache")
         past_len = past_key_values[0][0][0].shape[2] if past_key_values else 0
         x = self.embeddings(input_ids, past_length=past_len)
         mask = self_attention_mask(
@@ -184,9 +196,10 @@ class MedModel(nn.Module):
             device=input_ids.device,
         )
         cache: list[LayerCache] = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
-            x, layer_cache = layer(x, mask, image_embeds, mode, past)
+            x, layer_cache = layer(x, mask, image_embeds, mode, past, first_only and i == last)
             cache.append(layer_cache)
         return x, cache if use_cache else None
 

@@ -110,7 +110,7 @@ class BlipModel(nn.Module):
 
     def text_features(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) [CLS]-first ids to (B, embed_dim) unit ITC features (unimodal encoder)."""
-        hidden, _ = self.text_encoder(text_ids, text_mask, mode="text")
+        hidden, _ = self.text_encoder(text_ids, text_mask, mode="text", first_only=True)
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     def itm_logits(
@@ -119,7 +119,7 @@ class BlipModel(nn.Module):
         """(B, 2) match logits of paired images and texts; [ENC] replaces the first token."""
         ids = text_ids.clone()
         ids[:, 0] = ENC_TOKEN_ID
-        hidden, _ = self.text_encoder(ids, text_mask, image_embeds, mode="multimodal")
+        hidden, _ = self.text_encoder(ids, text_mask, image_embeds, mode="multimodal", first_only=True)
         return self.itm_head(hidden[:, 0])
 
     def lm_logits(
@@ -213,7 +213,8 @@ class BlipModel(nn.Module):
             self._momentum_update()
             image_embeds_m = self.visual_encoder_m.forward_features(batch.images)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
-            hidden_m, _ = self.text_encoder_m(batch.text_ids, batch.text_mask, mode="text")
+            hidden_m, _ = self.text_encoder_m(batch.text_ids, batch.text_mask, mode="text",
+                                              first_only=True)
             text_feat_m = F.normalize(self.text_proj_m(hidden_m[:, 0]), dim=-1)
             image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
             text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)

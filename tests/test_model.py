@@ -199,6 +199,32 @@ def test_kv_cache_decoding_matches_the_full_forward(tiny, tokenizer):
     assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["text", "multimodal"])
+def test_first_token_only_equals_the_full_forward_with_the_same_gradients(tokenizer, mode):
+    torch.manual_seed(0)
+    model = BlipModel(model_preset("tiny"))
+    batch = _batch(tokenizer, ["a red circle", "a small blue square above a green triangle"], [0, 1])
+    assert not batch.text_mask.all()  # padding in the keys
+    image_embeds = model.encode_image(batch.images).detach() if mode == "multimodal" else None
+    outputs, grads = [], []
+    for first_only in (False, True):
+        model.zero_grad()
+        hidden, _ = model.text_encoder(batch.text_ids, batch.text_mask, image_embeds, mode=mode,
+                                       first_only=first_only)
+        assert hidden.shape[1] == (1 if first_only else batch.text_ids.shape[1])
+        cls = hidden[:, 0]
+        (cls * torch.linspace(-1, 1, cls.shape[-1])).sum().backward()
+        outputs.append(cls.detach())
+        grads.append({n: p.grad.clone() for n, p in model.text_encoder.named_parameters()
+                      if p.grad is not None})
+    assert_close(outputs[1], outputs[0], atol=1e-6, rtol=1e-5)
+    assert grads[1].keys() == grads[0].keys()
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="encoder modes"):
+        model.text_encoder(batch.lm_ids, batch.lm_mask, image_embeds, mode="decoder", first_only=True)
+
+
 # --- sharing and size ----------------------------------------------------------------------
 
 
