@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import re
 import shutil
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from blip_core.config import BlipConfig, from_dict, to_dict
-from blip_core.io import atomic_dir, atomic_write_json, fsync_path
+from blip_core.io import atomic_dir, atomic_path, atomic_write_json, delete_dir
 from blip_core.model import BlipModel
 from blip_core.vision import resize_pos_embed
 
@@ -48,16 +46,21 @@ def state_dict_for_saving(model: BlipModel) -> dict[str, torch.Tensor]:
 
 def save_weights(model: BlipModel, path: Path) -> None:
     """Write the model's state as safetensors, atomically (temp file + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
-    fsync_path(tmp, strict=True)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
 
 
 def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; ``ValueError`` when it is not a valid one."""
+    return read_safetensors(path, device)[0]
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file, in one read; ``ValueError`` when it
+    is not a valid one."""
     try:
-        return load_file(str(path), device=device)
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"refusing {path}: not a valid safetensors file ({err})") from None
 
@@ -205,18 +208,9 @@ def save_trainer_state(
         tree = _flatten(optim_state, tensors)
         save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"state": json.dumps(tree)})
         (tmp / PROGRESS_FILE).write_text(json.dumps(state))
-        for name in (WEIGHTS_FILE, OPTIMIZER_FILE, PROGRESS_FILE):
-            fsync_path(tmp / name, strict=True)
     for old in sorted(root.glob("step_*"))[:-keep]:
-        _delete(old)
+        delete_dir(old)
     return final
-
-
-def _delete(folder: Path) -> None:
-    """Rename ``folder`` to a dot-name, then delete it: a kill half way leaves nothing visible."""
-    doomed = Path(tempfile.mkdtemp(prefix=f".{folder.name}.del-", dir=folder.parent))
-    os.replace(folder, doomed / folder.name)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -271,7 +265,7 @@ def clear_trainer_states(out: str | Path) -> int:
     """
     old = sorted((Path(out) / STATE_DIR).glob("step_*"))
     for folder in old:
-        _delete(folder)
+        delete_dir(folder)
     return len(old)
 
 
@@ -304,11 +298,9 @@ def load_trainer_state(path: Path, model: BlipModel) -> tuple[dict[str, Any], di
     path = Path(path)
     load_state(model, load_tensors(path / WEIGHTS_FILE))
     if (path / OPTIMIZER_FILE).is_file():
-        tensors = load_tensors(path / OPTIMIZER_FILE)
+        tensors, metadata = read_safetensors(path / OPTIMIZER_FILE)
         try:
-            with safe_open(str(path / OPTIMIZER_FILE), "pt") as f:
-                tree = json.loads((f.metadata() or {})["state"])
-            optim_state = _unflatten(tree, tensors)
+            optim_state = _unflatten(json.loads(metadata["state"]), tensors)
         except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"refusing {path / OPTIMIZER_FILE}: not a trainer state "
                              f"({type(err).__name__}: {err})") from None

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,19 +74,26 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Any]
     Use it for files too large to build in memory (tar shards). On an exception the temporary
     file is removed and ``path`` is left untouched.
     """
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary sibling of ``path`` (``.{name}.tmp-xxxx``) for writers that want a file name
+    (safetensors); fsynced and renamed onto ``path`` on success, removed on an exception."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_path(tmp, strict=True)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
 
@@ -110,13 +118,11 @@ def atomic_dir(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o755)
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old: Path | None = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / final.name)
+    old = _set_aside(final, "old") if final.exists() else None
     try:
         os.replace(tmp, final)
     except BaseException:
@@ -128,6 +134,30 @@ def atomic_dir(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
     fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def delete_dir(folder: Path) -> None:
+    """Renames ``folder`` to a dot-name (``.{name}.del-xxxx``), then deletes it: a kill half way
+    leaves nothing visible under the old name."""
+    shutil.rmtree(_set_aside(folder, "del"), ignore_errors=True)
+
+
+def _set_aside(folder: Path, tag: str) -> Path:
+    """Moves ``folder`` into a new hidden sibling ``.{name}.{tag}-xxxx``; returns that sibling."""
+    holder = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{tag}-", dir=folder.parent))
+    os.replace(folder, holder / folder.name)
+    return holder
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flushes every regular file and folder under ``root`` to disk (before it is renamed into
+    place). Links, fifos and devices are not opened: opening a fifo would block."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if stat.S_ISREG(path.lstat().st_mode):
+                fsync_path(path)
+        fsync_path(Path(dirpath))
 
 
 def remove_leftovers_of(final: Path) -> list[str]:

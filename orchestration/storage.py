@@ -147,19 +147,6 @@ class StorageResource(ConfigurableResource):
         """A persistent local work folder for ``key`` (resumable training lives here)."""
         raise NotImplementedError
 
-    @contextlib.contextmanager
-    def output_dir(self, key: str) -> Iterator[Path]:
-        """A fresh local folder to write the dataset ``key`` into; published on success."""
-        tmp = Path(tempfile.mkdtemp(prefix=".out-", dir=self._staging_root()))
-        try:
-            yield tmp
-            self.publish_dir(tmp, key, move=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _staging_root(self) -> Path:
-        raise NotImplementedError
-
     def read_json(self, key: str) -> Any:
         """The JSON document stored at ``key`` (a file)."""
         with self.local_file(key) as path:
@@ -220,11 +207,6 @@ class LocalStorage(StorageResource):
 
     def scratch_dir(self, key: str) -> Path:
         path = Path(self.root).resolve() / ".work" / _check_key(key)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def _staging_root(self) -> Path:
-        path = Path(self.root).resolve() / ".work" / ".staging"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -425,11 +407,6 @@ class S3Storage(StorageResource):
 
     def scratch_dir(self, key: str) -> Path:
         path = self._cache_path("work", _check_key(key))
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def _staging_root(self) -> Path:
-        path = self._cache_path("staging")
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -22,7 +22,10 @@ from blip_core.data.ingest import REASONS, IngestConfig, ingest_human
 from blip_core.data.shapes import Scene, Shape, WorldConfig, generate_world, is_correct
 from blip_core.io import (
     atomic_dir,
+    atomic_file,
+    atomic_path,
     atomic_write_json,
+    delete_dir,
     safe_member_path,
     sha256_bytes,
     tree_hash,
@@ -95,6 +98,36 @@ def test_atomic_dir_replaces_whole_folder_or_nothing(tmp_path: Path) -> None:
         (tmp / "c.txt").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["c.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp siblings left
+
+
+@pytest.mark.timeout(60)  # opening the fifo to fsync it would block
+def test_atomic_dir_with_a_fifo_inside_completes(tmp_path: Path) -> None:
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("a")
+        os.mkfifo(tmp / "pipe")
+        (tmp / "link").symlink_to("a.txt")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", "link", "pipe"]
+
+
+def test_atomic_file_and_path_replace_the_file_or_leave_it_and_delete_dir_hides_first(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "w.bin"
+    with atomic_file(target) as f:
+        f.write(b"one")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".w.bin.tmp-")
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == b"one"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"two")  # a writer that wants a file name
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]  # no temp siblings left
+    (tmp_path / "old" / "sub").mkdir(parents=True)
+    (tmp_path / "old" / "sub" / "x").write_text("x")
+    delete_dir(tmp_path / "old")
+    assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]
 
 
 def test_tree_hash_and_safe_paths(tmp_path: Path) -> None:
