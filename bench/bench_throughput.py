@@ -22,6 +22,11 @@ median time. Rows:
 * ``filter``: image-text pairs/s of ITM probabilities, one text per image, tokenisation
   included. Ours: ``itm_probabilities``; peer: ``BlipForImageTextRetrieval(use_itm_head=True)``
   (its forward encodes the image of every pair) + softmax.
+* ``filter_capfilt``: the same with the shape of CapFilt's work, two texts per image (its web
+  text and a caption; here another image's caption stands in): ours encodes each image once,
+  the peer is given each image twice, as its paired inputs require.
+* modes: before each row both sides' models are put in the row's mode (training; eval for the
+  inference rows, as ``load_for_inference`` gives them), and no timed call switches modes.
 * peak memory of each row: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated
   before the call; on CPU the peak resident-set growth during one call, sampled every
   millisecond in a fresh subprocess per side (glibc told to return freed blocks at once).
@@ -76,7 +81,7 @@ from blip_core.tokenizer import load_tokenizer
 from blip_core.train import Collator
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("train", "caption_beam", "caption_greedy", "filter")
+ROWS = ("train", "caption_beam", "caption_greedy", "filter", "filter_capfilt")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star")
 PLACES = ("on the left", "on the right", "at the top", "in the middle", "at the bottom")
@@ -232,15 +237,22 @@ class Workloads:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.s.bf16)
 
+    def prepare(self, row: str) -> None:
+        """Both sides' models in the mode of the row (training, or eval as loaded for inference),
+        set once before it: neither side pays for switching modes inside a timed call."""
+        training = row == "train"
+        for model in (self.ours, self.peer_train, self.peer_caption, self.peer_filter):
+            model.train(training)
+
     # Training step.
     def ours_train(self) -> None:
-        self.ours.train().zero_grad(set_to_none=True)
+        self.ours.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.ours(self.batch, alpha=0.4).loss
         loss.backward()
 
     def peer_train_step(self) -> None:
-        self.peer_train.train().zero_grad(set_to_none=True)
+        self.peer_train.zero_grad(set_to_none=True)
         with self.autocast():
             loss = sum(self.peer_train(self.batch, alpha=0.4).values())
         loss.backward()
@@ -274,7 +286,6 @@ class Workloads:
 
     def peer_caption_call(self, method: str) -> list[str]:
         kw = self._gen_kwargs(method)
-        self.peer_caption.eval()
         with torch.inference_mode(), self.autocast():
             ids = self.peer_caption.generate(
                 pixel_values=self.images, input_ids=self.prompt_ids.clone(), do_sample=False,
@@ -286,19 +297,26 @@ class Workloads:
         return [t.strip().lower() for t in texts]
 
     # Filtering.
-    def ours_filter(self) -> torch.Tensor:
-        probs = itm_probabilities(self.ours, self.tokenizer, self.images, [[t] for t in self.texts],
-                                  bf16=self.s.bf16)
+    def filter_texts(self, per_image: int) -> list[list[str]]:
+        """Each image's texts: its own caption, then (CapFilt) another image's as a stand-in for
+        its synthetic caption."""
+        n = len(self.texts)
+        return [[self.texts[(i + k) % n] for k in range(per_image)] for i in range(n)]
+
+    def ours_filter(self, per_image: int = 1) -> torch.Tensor:
+        probs = itm_probabilities(self.ours, self.tokenizer, self.images,
+                                  self.filter_texts(per_image), bf16=self.s.bf16)
         return torch.cat(probs)
 
-    def peer_filter_call(self) -> torch.Tensor:
-        enc = self.tokenizer(self.texts, padding="longest", truncation=True,
+    def peer_filter_call(self, per_image: int = 1) -> torch.Tensor:
+        texts = [t for group in self.filter_texts(per_image) for t in group]
+        enc = self.tokenizer(texts, padding="longest", truncation=True,
                              max_length=self.ours.cfg.max_text_len, return_tensors="pt").to(self.device)
         ids = enc.input_ids
         ids[:, 0] = ENC_TOKEN_ID  # HF's retrieval model leaves the first token to the caller
-        self.peer_filter.eval()
+        images = self.images if per_image == 1 else self.images.repeat_interleave(per_image, 0)
         with torch.inference_mode(), self.autocast():
-            logits = self.peer_filter(input_ids=ids, pixel_values=self.images,
+            logits = self.peer_filter(input_ids=ids, pixel_values=images,
                                       attention_mask=enc.attention_mask, use_itm_head=True).itm_score
         return logits.float().softmax(-1)[:, 1].cpu()
 
@@ -311,6 +329,8 @@ class Workloads:
             return (lambda: self.ours_caption(method)), (lambda: self.peer_caption_call(method))
         if row == "filter":
             return self.ours_filter, self.peer_filter_call
+        if row == "filter_capfilt":
+            return (lambda: self.ours_filter(2)), (lambda: self.peer_filter_call(2))
         raise ValueError(row)
 
     def work(self, row: str) -> tuple[float, str]:
@@ -319,7 +339,7 @@ class Workloads:
             return self.s.batch, "samples/s"
         if row.startswith("caption_"):
             return self.s.batch * self.s.gen_tokens, "tokens/s"
-        return self.s.batch, "pairs/s"
+        return self.s.batch * (2 if row == "filter_capfilt" else 1), "pairs/s"
 
 
 ROW_TITLES = {
@@ -327,6 +347,7 @@ ROW_TITLES = {
     "caption_beam": "caption, beam 3",
     "caption_greedy": "caption, greedy",
     "filter": "filter ITM scoring",
+    "filter_capfilt": "filter ITM scoring, 2 texts per image (CapFilt: web text + caption)",
 }
 
 
@@ -409,6 +430,7 @@ def probe(w: Workloads, row: str, side: str) -> None:
     """Child process: warm up once, then print the RSS growth of one call."""
     ours, peer = w.sides(row)
     fn = ours if side == "ours" else peer
+    w.prepare(row)
     fn()
     if row == "train":  # drop the gradients, so that both calls start from the same state
         (w.ours if side == "ours" else w.peer_train).zero_grad(set_to_none=True)
@@ -529,11 +551,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row == "train":
             notes.append(w.check_train())
+        w.prepare(row)
         ours_fn, peer_fn = w.sides(row)
-        if row.startswith("caption_") or row == "filter":
+        if row.startswith(("caption_", "filter")):
             a, b = ours_fn(), peer_fn()
-            if row == "filter":
-                notes.append(f"filter probabilities agree to {float((a - b).abs().max()):.1e}")
+            if row.startswith("filter"):
+                notes.append(f"{ROW_TITLES[row]}: probabilities agree to "
+                             f"{float((a - b).abs().max()):.1e}")
             else:
                 same = sum(x == y for x, y in zip(a, b, strict=True))
                 notes.append(f"{ROW_TITLES[row]}: {same}/{len(a)} captions identical on both sides")
