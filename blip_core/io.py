@@ -2,7 +2,8 @@
 
 Every output of the pipeline is written so that a reader never sees a half-written file or
 folder: files go through a temporary sibling plus ``os.replace``; whole folders are built in a
-temporary sibling (``.{name}.tmp-xxxx``) and renamed into place by :func:`atomic_dir`.
+temporary sibling (``.{name}.tmp-xxxx``) and renamed into place by :func:`atomic_dir`. Both
+fsync what they rename before renaming it.
 """
 
 from __future__ import annotations
