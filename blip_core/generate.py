@@ -2,7 +2,8 @@
 
 Each image is encoded once per batch. The prompt ("[DEC] a picture of") is fed once per image,
 then one token per step through the key/value cache; the cross-attention keys and values of the
-image tokens are computed in that first call and reused by every later step. Rows that finish
+image tokens are computed in that first call and reused by every later step (the beams of an
+image share one copy: their queries attend to it together). Rows that finish
 (an image whose beams can no longer improve, a sample that produced [SEP]) are dropped from the
 batch and from the cache, so the cost of a step follows the number of live sequences.
 
@@ -127,12 +128,20 @@ def _decode_step(
     return logits[:, 0].float(), cache
 
 
-def _select_rows(cache: list[LayerCache], rows: torch.Tensor) -> list[LayerCache]:
-    """Keep (and reorder / repeat) the cache rows ``rows`` (R',) of every layer."""
+_SAME = torch.empty(0, dtype=torch.long)  # _select_rows: leave the cross-attention rows as they are
+
+
+def _select_rows(
+    cache: list[LayerCache], rows: torch.Tensor, cross_rows: torch.Tensor | None = None
+) -> list[LayerCache]:
+    """Keep (and reorder / repeat) the self-attention cache rows ``rows`` (R',) of every layer,
+    and the cross-attention rows ``cross_rows`` (default: ``rows``; ``_SAME``: unchanged)."""
+    cross_rows = rows if cross_rows is None else cross_rows
     out: list[LayerCache] = []
     for (k, v), cross in cache:
-        cross_rows = None if cross is None else (cross[0][rows], cross[1][rows])
-        out.append(((k[rows], v[rows]), cross_rows))
+        if cross is not None and cross_rows is not _SAME:
+            cross = (cross[0][cross_rows], cross[1][cross_rows])
+        out.append(((k[rows], v[rows]), cross))
     return out
 
 
@@ -245,7 +254,9 @@ def _beam_search(
     prompt = prompt_ids.to(device)
     logits, cache = _decode_step(model, prompt.expand(b, -1), None, image_embeds)
     owner = torch.arange(b, device=device).repeat_interleave(k)
-    cache, logits = _select_rows(cache, owner), logits[owner]  # (A*K, ...), A = live images
+    # Self-attention rows per beam (A*K), cross-attention rows per live image (A): the K beams
+    # of an image share its image keys/values (no K copies, no gather per step).
+    cache, logits = _select_rows(cache, owner, _SAME), logits[owner]
 
     active = torch.arange(b, device=device)  # image of each live group of K beams
     run_scores = torch.full((b, k), neg_inf, device=device)
@@ -298,13 +309,14 @@ def _beam_search(
         # Can the best running beam still beat the worst finished hypothesis?
         worst_finished = fin_scores[active].min(dim=1).values  # -inf while places are free
         still_open = run_scores[:, 0] / (t + 1) ** length_penalty > worst_finished
+        images = _SAME  # cross-attention rows: one per live image
         if not bool(still_open.all()):
             if not bool(still_open.any()):
                 break
-            keep = still_open.nonzero()[:, 0]
-            active, run_scores, run_tokens = active[keep], run_scores[keep], run_tokens[keep]
-            rows = rows.view(a, k)[keep].view(-1)
-        cache = _select_rows(cache, rows)
+            images = still_open.nonzero()[:, 0]
+            active, run_scores, run_tokens = active[images], run_scores[images], run_tokens[images]
+            rows = rows.view(a, k)[images].view(-1)
+        cache = _select_rows(cache, rows, images)
         logits, cache = _decode_step(model, run_tokens[:, :, -1].reshape(-1, 1), cache)
 
     tokens = [

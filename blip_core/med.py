@@ -84,7 +84,9 @@ class MedAttention(nn.Module):
         Args:
             mask: boolean, broadcastable to (B, H, L, keys); True where attention is allowed.
             past: cached keys/values (B, H, P, Dh). Self-attention appends to them; with
-                ``static_past`` (cross-attention) they are reused as they are.
+                ``static_past`` (cross-attention) they are reused as they are, and may hold one
+                row per group of B / rows consecutive rows of ``x`` (the beams of one image):
+                each group's queries then attend to their shared row together.
             first_only: attend from the first token alone (keys and values still from every
                 token); the output is then (B, 1, D). ``mask`` must not depend on the query.
 
@@ -102,7 +104,17 @@ class MedAttention(nn.Module):
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         drop = self.dropout if self.training else 0.0
+        groups = b // k.shape[0]
+        if groups > 1:  # (B, H, L, Dh) queries to (B / g, H, g * L, Dh): g rows share k and v
+            if mask is not None or groups * k.shape[0] != b:
+                raise ValueError(f"{b} query rows cannot share {k.shape[0]} rows of keys/values")
+            h, dh = q.shape[1], q.shape[3]
+            q = q.view(k.shape[0], groups, h, length, dh).transpose(1, 2).reshape(
+                k.shape[0], h, groups * length, dh)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        if groups > 1:
+            out = out.view(k.shape[0], out.shape[1], groups, length, -1).transpose(1, 2)
+            out = out.reshape(b, -1, length, out.shape[-1])  # (B, H, L, Dh)
         out = out.transpose(1, 2).reshape(b, length, d)  # (B, L, D)
         out = F.dropout(self.dense(out), drop, self.training)
         return self.norm(out + queries), (k, v)

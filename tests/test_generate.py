@@ -194,6 +194,19 @@ def test_image_encoded_once_prompt_fed_once_then_one_token_per_step(
     assert all(shape[0] <= rows for shape in text[1:])
 
 
+def test_beams_of_an_image_share_its_cross_attention_keys_and_values(peaked, images, prompt):
+    seen: list[tuple[int, int]] = []  # (query rows, key/value rows) of each cached step
+    cross = peaked.text_encoder.layers[0].cross_attn
+    handle = cross.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((args[0].shape[0], kwargs["past"][0].shape[0]))
+        if kwargs.get("past") is not None else None, with_kwargs=True)
+    try:
+        _ids(peaked, images[:4], prompt, method="beam", num_beams=3)
+    finally:
+        handle.remove()
+    assert seen and all(rows == 3 * images_ for rows, images_ in seen)  # 3 beams, 1 copy
+
+
 @pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
 def test_min_and_max_length_are_respected(method, images, prompt):
     model = _tiny()

@@ -225,6 +225,22 @@ def test_first_token_only_equals_the_full_forward_with_the_same_gradients(tokeni
         model.text_encoder(batch.lm_ids, batch.lm_mask, image_embeds, mode="decoder", first_only=True)
 
 
+def test_rows_that_share_cross_attention_keys_equal_rows_with_their_own_copy():
+    torch.manual_seed(0)
+    attn = model_preset("tiny").text
+    layer = BlipModel(model_preset("tiny")).text_encoder.layers[0].cross_attn.eval()
+    images, groups = torch.randn(3, 17, 128), 4  # 3 images, 4 beams each
+    x = torch.randn(3 * groups, 2, attn.hidden_size)
+    with torch.no_grad():
+        _, (k, v) = layer(x[::groups], context=images)  # one row of keys/values per image
+        shared, _ = layer(x, past=(k, v), static_past=True)
+        copied, _ = layer(x, past=(k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)),
+                          static_past=True)
+        with pytest.raises(ValueError, match="cannot share"):
+            layer(x[:-1], past=(k, v), static_past=True)
+    assert_close(shared, copied, atol=1e-6, rtol=1e-5)
+
+
 # --- sharing and size ----------------------------------------------------------------------
 
 
