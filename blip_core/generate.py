@@ -128,18 +128,17 @@ def _decode_step(
     return logits[:, 0].float(), cache
 
 
-_SAME = torch.empty(0, dtype=torch.long)  # _select_rows: leave the cross-attention rows as they are
-
-
 def _select_rows(
-    cache: list[LayerCache], rows: torch.Tensor, cross_rows: torch.Tensor | None = None
+    cache: list[LayerCache], rows: torch.Tensor, cross_rows: torch.Tensor | None = None,
+    keep_cross: bool = False,
 ) -> list[LayerCache]:
     """Keep (and reorder / repeat) the self-attention cache rows ``rows`` (R',) of every layer,
-    and the cross-attention rows ``cross_rows`` (default: ``rows``; ``_SAME``: unchanged)."""
+    and the cross-attention rows ``cross_rows`` (default: ``rows``; none moved with
+    ``keep_cross``)."""
     cross_rows = rows if cross_rows is None else cross_rows
     out: list[LayerCache] = []
     for (k, v), cross in cache:
-        if cross is not None and cross_rows is not _SAME:
+        if cross is not None and not keep_cross:
             cross = (cross[0][cross_rows], cross[1][cross_rows])
         out.append(((k[rows], v[rows]), cross))
     return out
@@ -256,7 +255,7 @@ def _beam_search(
     owner = torch.arange(b, device=device).repeat_interleave(k)
     # Self-attention rows per beam (A*K), cross-attention rows per live image (A): the K beams
     # of an image share its image keys/values (no K copies, no gather per step).
-    cache, logits = _select_rows(cache, owner, _SAME), logits[owner]
+    cache, logits = _select_rows(cache, owner, keep_cross=True), logits[owner]
 
     active = torch.arange(b, device=device)  # image of each live group of K beams
     run_scores = torch.full((b, k), neg_inf, device=device)
@@ -309,14 +308,14 @@ def _beam_search(
         # Can the best running beam still beat the worst finished hypothesis?
         worst_finished = fin_scores[active].min(dim=1).values  # -inf while places are free
         still_open = run_scores[:, 0] / (t + 1) ** length_penalty > worst_finished
-        images = _SAME  # cross-attention rows: one per live image
+        images = None  # cross-attention rows, one per live image: unchanged unless one stops
         if not bool(still_open.all()):
             if not bool(still_open.any()):
                 break
             images = still_open.nonzero()[:, 0]
             active, run_scores, run_tokens = active[images], run_scores[images], run_tokens[images]
             rows = rows.view(a, k)[images].view(-1)
-        cache = _select_rows(cache, rows, images)
+        cache = _select_rows(cache, rows, images, keep_cross=images is None)
         logits, cache = _decode_step(model, run_tokens[:, :, -1].reshape(-1, 1), cache)
 
     tokens = [

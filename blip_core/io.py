@@ -73,8 +73,10 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Any]
     """Opens a temporary sibling of ``path`` for streaming writes; renames it on success.
 
     Use it for files too large to build in memory (tar shards). On an exception the temporary
-    file is removed and ``path`` is left untouched.
+    file is removed and ``path`` is left untouched. ``mode``: ``"wb"`` or ``"w"`` (text).
     """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_file writes a new file: mode 'wb' or 'w', not {mode!r}")
     with atomic_path(path) as tmp, open(tmp, mode) as f:
         yield f
 
@@ -157,7 +159,7 @@ def _fsync_tree(root: Path) -> None:
         for name in filenames:
             path = Path(dirpath) / name
             if stat.S_ISREG(path.lstat().st_mode):
-                fsync_path(path)
+                fsync_path(path, strict=True)
         fsync_path(Path(dirpath))
 
 

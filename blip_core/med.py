@@ -96,18 +96,19 @@ class MedAttention(nn.Module):
         queries = x[:, :1] if first_only else x
         b, length, d = queries.shape
         q = self._heads(self.query(queries))
+        groups = 1
         if past is not None and static_past:
             k, v = past
+            groups = b // k.shape[0]
         else:
             src = x if context is None else context
             k, v = self._heads(self.key(src)), self._heads(self.value(src))
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         drop = self.dropout if self.training else 0.0
-        groups = b // k.shape[0]
+        if groups * k.shape[0] != b or (groups > 1 and mask is not None):
+            raise ValueError(f"{b} query rows do not match {k.shape[0]} rows of keys/values")
         if groups > 1:  # (B, H, L, Dh) queries to (B / g, H, g * L, Dh): g rows share k and v
-            if mask is not None or groups * k.shape[0] != b:
-                raise ValueError(f"{b} query rows cannot share {k.shape[0]} rows of keys/values")
             h, dh = q.shape[1], q.shape[3]
             q = q.view(k.shape[0], groups, h, length, dh).transpose(1, 2).reshape(
                 k.shape[0], h, groups * length, dh)

@@ -201,10 +201,21 @@ def test_beams_of_an_image_share_its_cross_attention_keys_and_values(peaked, ima
         lambda m, args, kwargs, out: seen.append((args[0].shape[0], kwargs["past"][0].shape[0]))
         if kwargs.get("past") is not None else None, with_kwargs=True)
     try:
-        _ids(peaked, images[:4], prompt, method="beam", num_beams=3)
+        with inference(peaked):
+            embeds = peaked.encode_image(images)
+            kw = dict(method="beam", num_beams=3, num_captions=3, max_length=MAX_LEN,
+                      min_length=MIN_LEN)
+            batched = generate_token_ids(peaked, embeds, prompt, **kw)
+            n_batched = len(seen)
+            alone = [generate_token_ids(peaked, embeds[i : i + 1], prompt, **kw)
+                     for i in range(len(images))]
     finally:
         handle.remove()
     assert seen and all(rows == 3 * images_ for rows, images_ in seen)  # 3 beams, 1 copy
+    assert len({images_ for _, images_ in seen[:n_batched]}) > 2  # images left mid-search
+    # the images that stay keep their own image keys: the batch gives each image's own result
+    assert batched.tokens == [a.tokens[0] for a in alone]
+    assert_close(torch.tensor(batched.scores), torch.tensor([a.scores[0] for a in alone]))
 
 
 @pytest.mark.parametrize("method", ["greedy", "nucleus", "beam"])
