@@ -82,6 +82,7 @@ from blip_core.train import Collator
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("train", "caption_beam", "caption_greedy", "filter", "filter_capfilt")
+TEXTS_PER_IMAGE = {"filter": 1, "filter_capfilt": 2}  # the filter rows
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star")
 PLACES = ("on the left", "on the right", "at the top", "in the middle", "at the bottom")
@@ -327,10 +328,9 @@ class Workloads:
         if row.startswith("caption_"):
             method = row.split("_", 1)[1]
             return (lambda: self.ours_caption(method)), (lambda: self.peer_caption_call(method))
-        if row == "filter":
-            return self.ours_filter, self.peer_filter_call
-        if row == "filter_capfilt":
-            return (lambda: self.ours_filter(2)), (lambda: self.peer_filter_call(2))
+        if row in TEXTS_PER_IMAGE:
+            n = TEXTS_PER_IMAGE[row]
+            return (lambda: self.ours_filter(n)), (lambda: self.peer_filter_call(n))
         raise ValueError(row)
 
     def work(self, row: str) -> tuple[float, str]:
@@ -339,7 +339,7 @@ class Workloads:
             return self.s.batch, "samples/s"
         if row.startswith("caption_"):
             return self.s.batch * self.s.gen_tokens, "tokens/s"
-        return self.s.batch * (2 if row == "filter_capfilt" else 1), "pairs/s"
+        return self.s.batch * TEXTS_PER_IMAGE[row], "pairs/s"
 
 
 ROW_TITLES = {

@@ -129,16 +129,13 @@ def _decode_step(
 
 
 def _select_rows(
-    cache: list[LayerCache], rows: torch.Tensor, cross_rows: torch.Tensor | None = None,
-    keep_cross: bool = False,
+    cache: list[LayerCache], rows: torch.Tensor, cross_rows: torch.Tensor | None
 ) -> list[LayerCache]:
     """Keep (and reorder / repeat) the self-attention cache rows ``rows`` (R',) of every layer,
-    and the cross-attention rows ``cross_rows`` (default: ``rows``; none moved with
-    ``keep_cross``)."""
-    cross_rows = rows if cross_rows is None else cross_rows
+    and the cross-attention rows ``cross_rows`` (None: left as they are)."""
     out: list[LayerCache] = []
     for (k, v), cross in cache:
-        if cross is not None and not keep_cross:
+        if cross is not None and cross_rows is not None:
             cross = (cross[0][cross_rows], cross[1][cross_rows])
         out.append(((k[rows], v[rows]), cross))
     return out
@@ -208,7 +205,7 @@ def _sample(
     rows = b * num_captions
     if num_captions > 1:  # each image's prompt state, copied for each of its captions
         owner = torch.arange(b, device=device).repeat_interleave(num_captions)
-        cache, logits = _select_rows(cache, owner), logits[owner]
+        cache, logits = _select_rows(cache, owner, owner), logits[owner]
     sequences = prompt.expand(rows, -1)  # (R, P + t): for the repetition penalty
     alive = torch.arange(rows, device=device)  # original row of each live row
     out: list[list[int]] = [[] for _ in range(rows)]
@@ -231,7 +228,7 @@ def _sample(
                 break
             keep = running.nonzero()[:, 0]
             alive, sequences, next_ids = alive[keep], sequences[keep], next_ids[keep]
-            cache = _select_rows(cache, keep)
+            cache = _select_rows(cache, keep, keep)
         logits, cache = _decode_step(model, next_ids[:, None], cache)
     return [out[i * num_captions : (i + 1) * num_captions] for i in range(b)]
 
@@ -255,7 +252,7 @@ def _beam_search(
     owner = torch.arange(b, device=device).repeat_interleave(k)
     # Self-attention rows per beam (A*K), cross-attention rows per live image (A): the K beams
     # of an image share its image keys/values (no K copies, no gather per step).
-    cache, logits = _select_rows(cache, owner, keep_cross=True), logits[owner]
+    cache, logits = _select_rows(cache, owner, None), logits[owner]
 
     active = torch.arange(b, device=device)  # image of each live group of K beams
     run_scores = torch.full((b, k), neg_inf, device=device)
@@ -315,7 +312,7 @@ def _beam_search(
             images = still_open.nonzero()[:, 0]
             active, run_scores, run_tokens = active[images], run_scores[images], run_tokens[images]
             rows = rows.view(a, k)[images].view(-1)
-        cache = _select_rows(cache, rows, images, keep_cross=images is None)
+        cache = _select_rows(cache, rows, images)
         logits, cache = _decode_step(model, run_tokens[:, :, -1].reshape(-1, 1), cache)
 
     tokens = [
