@@ -13,6 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export DAGSTER_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: setup run test test-fast lint bench ui clean
 
@@ -22,6 +23,7 @@ setup:  ## install uv, the locked environment, the DVC CLI (its own tool env) an
 	$(eval UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv))
 	$(UV) sync --locked --compile-bytecode --quiet
 	@$(UV) tool list 2>/dev/null | grep -q '^dvc ' || $(UV) tool install --quiet 'dvc[s3]>=3.50'
+	@$(UV) tool list 2>/dev/null | grep -q '^img2dataset ' || $(UV) tool install --quiet 'img2dataset==1.47.0'
 	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
 		{ (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		  >/dev/null 2>&1 || echo "note: could not install chromium; the UI browser test will fail"; }

@@ -8,6 +8,7 @@ from typing import Any
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.checks import ShardPolicy, select_shards
 from assets.common import (
     GROUP,
     IO_MANAGER_KEY,
@@ -93,13 +94,12 @@ def _web_dirs(stack: ExitStack, storage: StorageResource, web_shards: dict[str, 
 @asset(group_name=GROUP, pool=DVC_POOL, io_manager_key=IO_MANAGER_KEY, code_version=code_version("1"),
        kinds={"pytorch"}, description="Synthetic captions of every web image, sampled from the captioner.")
 def synthetic_captions(context: AssetExecutionContext, config: CaptionSettings, storage: StorageResource,
-                       dvc: DvcResource, captioner: Dataset,
+                       dvc: DvcResource, shard_policy: ShardPolicy, captioner: Dataset,
                        web_shards: dict[str, Dataset]) -> MaterializeResult[Dataset]:
     """Caption the web images (nucleus sampling by default)."""
-    from assets.checks import WEB_CHECKS, require_passed_checks
     from blip_core.capfilt import caption_web, read_synthetic
 
-    require_passed_checks(context, "web_shards", WEB_CHECKS, sorted(web_shards))
+    web_shards = select_shards(context, shard_policy, web_shards).used
     ident = identity(context, config, {"captioner": captioner, **_web_inputs(web_shards)})
     with ExitStack() as stack, stopwatch() as t:
         ds = reusable(context, storage, "synthetic_captions", ident)
@@ -133,13 +133,13 @@ def synthetic_captions(context: AssetExecutionContext, config: CaptionSettings, 
        kinds={"pytorch", "webdataset"},
        description="Human train pairs + web texts kept by the filter + synthetic captions kept by it.")
 def bootstrapped_corpus(context: AssetExecutionContext, config: CorpusSettings, storage: StorageResource,
-                        dvc: DvcResource, filter: Dataset, web_shards: dict[str, Dataset],
+                        dvc: DvcResource, shard_policy: ShardPolicy, filter: Dataset,
+                        web_shards: dict[str, Dataset],
                         synthetic_captions: Dataset, human_pairs: Dataset) -> MaterializeResult[Dataset]:
     """Score every web text and synthetic caption with the filter and keep those that match."""
-    from assets.checks import WEB_CHECKS, require_passed_checks
     from blip_core.capfilt import build_corpus
 
-    require_passed_checks(context, "web_shards", WEB_CHECKS, sorted(web_shards))
+    web_shards = select_shards(context, shard_policy, web_shards).used
     inputs = {"filter": filter, "synthetic_captions": synthetic_captions, "human_pairs": human_pairs,
               **_web_inputs(web_shards)}
     ident = identity(context, config, inputs)

@@ -2,9 +2,11 @@
 
 Each check states one invariant and returns its observed values as metadata. They are
 blocking: in a run, a failed check stops every asset downstream of the checked one; across
-runs, ``pretrained_med`` refuses web shards whose latest checks did not pass
-(:func:`require_passed_checks`). ``dagster-ge`` does not support GX 1.x, so GX is called
-directly: an ephemeral context, a pandas data source, one expectation per invariant.
+runs, the assets that read web shards leave out those whose latest checks did not pass
+(:func:`select_shards`, per the :class:`ShardPolicy` resource) and ``bootstrapped_med``
+refuses a corpus whose latest checks did not pass (:func:`require_passed_checks`).
+``dagster-ge`` does not support GX 1.x, so GX is called directly: an ephemeral context, a pandas
+data source, one expectation per invariant.
 """
 
 
@@ -15,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dagster import (
     AssetCheckExecutionContext,
@@ -24,6 +26,7 @@ from dagster import (
     AssetCheckSpec,
     AssetIn,
     Config,
+    ConfigurableResource,
     Failure,
     MetadataValue,
     multi_asset_check,
@@ -159,7 +162,8 @@ def _shard_rows(folder: Path) -> tuple[Any, Any, dict[str, Any]]:
                        partitions_def=web_shard_partitions,
                        description="every kept sample's image decodes (PIL, full decode)"),
         AssetCheckSpec("schema", asset="web_shards", blocking=True, partitions_def=web_shard_partitions,
-                       description="parquet columns are img2dataset's; tar holds jpg+txt+json per key"),
+                       description="parquet has img2dataset's columns and stored_sha256; tar holds "
+                                   "jpg+txt+json per key"),
         AssetCheckSpec("caption_length", asset="web_shards", blocking=True,
                        partitions_def=web_shard_partitions,
                        description="caption lengths (characters) inside the configured bounds"),
@@ -176,13 +180,13 @@ def web_shard_checks(context: AssetCheckExecutionContext, config: WebShardCheckC
     """The five invariants of one validated web shard."""
     import pandas as pd
 
-    from blip_core.data.formats import PARQUET_SCHEMA
+    from blip_core.data.formats import REQUIRED_COLUMNS
+    from blip_core.data.ingest import quarantine_ratio
 
     (ds,) = web_shards.values()
     with storage.local_dir(ds.key) as folder:
         table, samples, stats = _shard_rows(folder)
-    total = stats["kept"] + stats["quarantined"]
-    ratio = stats["quarantined"] / total if total else 1.0
+    ratio = quarantine_ratio(stats)
 
     gx_samples = Validator("web_samples", samples)
     yield _result("decodable_images", "web_shards", [
@@ -193,8 +197,8 @@ def web_shard_checks(context: AssetCheckExecutionContext, config: WebShardCheckC
     gx_table = Validator("web_parquet", table)
     lengths = table["caption"].astype(str).str.len() if len(table) else table["caption"]
     yield _result("schema", "web_shards", [
-        gx_table.check("ExpectTableColumnsToMatchSet", column_set=list(PARQUET_SCHEMA.names),
-                       exact_match=True),
+        gx_table.check("ExpectTableColumnsToMatchSet", column_set=list(REQUIRED_COLUMNS),
+                       exact_match=False),  # the producer's other columns pass through
         gx_table.check("ExpectColumnValuesToNotBeNull", column="key"),
         gx_table.check("ExpectColumnValuesToNotBeNull", column="caption"),
         gx_table.check("ExpectTableRowCountToEqual", value=len(samples)),
@@ -220,18 +224,18 @@ def web_shard_checks(context: AssetCheckExecutionContext, config: WebShardCheckC
         by_reason=stats.get("by_reason", {}), limit=config.max_quarantine_ratio)
 
 
-def require_passed_checks(context: Any, asset: str, checks: Sequence[str],
-                          partitions: Sequence[str] | None = None) -> None:
-    """Raises unless every named check passed on the latest materialization of ``asset``.
-
-    Blocking checks stop downstream steps inside one run; this extends that to later runs: a
-    web shard whose checks failed yesterday is not trained on today, and a corpus that failed
-    its noise band is not pre-trained on by a run that skipped the check.
+def check_problems(context: Any, asset: str, checks: Sequence[str],
+                   partitions: Sequence[str] | None = None) -> dict[str | None, list[str]]:
+    """Why the latest materialization of ``asset`` (per partition) did not pass its checks.
 
     Args:
         asset: The checked asset.
         checks: Its check names.
-        partitions: The partitions used (partitioned assets), else None.
+        partitions: The partitions to look at (partitioned assets), else None.
+
+    Returns:
+        ``{partition (None when unpartitioned): [problem, ...]}`` for each one with a problem:
+        a check that failed, or that did not run on the latest materialization.
     """
     from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
@@ -240,20 +244,103 @@ def require_passed_checks(context: Any, asset: str, checks: Sequence[str],
         keys, partition_keys=list(partitions) if partitions is not None else None
     )
     status = {(i.check_key.name, i.partition_key): i for i in infos}
-    bad = []
+    problems: dict[str | None, list[str]] = {}
     for pk in partitions if partitions is not None else [None]:
-        where = f"{asset}[{pk}]" if pk is not None else asset
         for name in checks:
             info = status.get((name, pk))
             if info is None or not info.is_current:
-                bad.append(f"{where}: check {name} did not run on the latest materialization")
+                problem = f"check {name} did not run on the latest materialization"
             elif info.latest_execution_status != AssetCheckExecutionRecordStatus.SUCCEEDED:
-                bad.append(f"{where}: check {name} {info.latest_execution_status.value.lower()}")
+                problem = f"check {name} {info.latest_execution_status.value.lower()}"
+            else:
+                continue
+            problems.setdefault(pk, []).append(problem)
+    return problems
+
+
+def require_passed_checks(context: Any, asset: str, checks: Sequence[str]) -> None:
+    """Raises unless every named check passed on the latest materialization of ``asset``.
+
+    Blocking checks stop downstream steps inside one run; this extends that to later runs: a
+    corpus that failed its noise band is not pre-trained on by a run that skipped the check.
+    """
+    bad = check_problems(context, asset, checks).get(None, [])
     if bad:
         raise Failure(
-            description=f"{len(bad)} blocking check(s) of {asset} did not pass: " + "; ".join(bad[:5]),
+            description=f"{len(bad)} blocking check(s) of {asset} did not pass: "
+                        + "; ".join(f"{asset}: {b}" for b in bad[:5]),
             metadata={"problems": MetadataValue.md("\n".join(f"- {b}" for b in bad[:50]))},
         )
+
+
+class ShardPolicy(ConfigurableResource):
+    """Which web shards the training and CapFilt assets use when some failed their checks.
+
+    At web scale some shards always fail (every download of a shard failed, a corrupt upload):
+    ``skip-failed`` (default) leaves them out, with their reasons in the asset's metadata, as
+    long as at least ``min_good_share`` of the shards passed; ``strict`` refuses to go on
+    while any shard failed. The corpus's noise-ratio checks stay blocking either way.
+    """
+
+    mode: Literal["skip-failed", "strict"] = Field(
+        default="skip-failed", description="skip-failed: leave failed shards out; strict: stop")
+    min_good_share: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="skip-failed stops when fewer than this share of the shards passed")
+
+
+@dataclass
+class ShardSelection:
+    """The web shards an asset uses, and those it leaves out with their reasons."""
+
+    used: dict[str, Dataset]  # partition -> published dataset, every check passed
+    excluded: dict[str, list[str]]  # partition -> problems
+
+    def metadata(self) -> dict[str, Any]:
+        """Asset metadata: counts, and ``{shard: reasons}`` of the excluded shards."""
+        return {
+            "web_shards_used": MetadataValue.int(len(self.used)),
+            "web_shards_excluded": MetadataValue.int(len(self.excluded)),
+            "excluded_shards": MetadataValue.json({pk: "; ".join(why)
+                                                   for pk, why in sorted(self.excluded.items())}),
+        }
+
+
+def select_shards(context: Any, policy: ShardPolicy, web_shards: dict[str, Dataset]) -> ShardSelection:
+    """The web shards whose latest materialization passed every check, per ``policy``.
+
+    Records the selection in the asset's metadata (:meth:`ShardSelection.metadata`).
+
+    Args:
+        context: The asset's execution context (its instance holds the check results).
+        policy: What to do with failed shards.
+        web_shards: The input: published partitions (a partition never published is absent).
+
+    Raises:
+        Failure: ``strict`` and a shard failed, or fewer than ``min_good_share`` passed.
+    """
+    partitions = sorted(context.asset_partition_keys_for_input("web_shards"))
+    excluded = {pk: ["not published: its ingestion did not complete"]
+                for pk in partitions if pk not in web_shards}
+    for pk, problems in check_problems(context, "web_shards", WEB_CHECKS, sorted(web_shards)).items():
+        excluded[str(pk)] = problems
+    selection = ShardSelection({pk: web_shards[pk] for pk in sorted(web_shards) if pk not in excluded},
+                               excluded)
+    context.add_asset_metadata(selection.metadata())
+    if excluded:
+        context.log.warning(f"{len(excluded)} of {len(partitions)} web shard(s) excluded: " + "; ".join(
+            f"{pk}: {', '.join(why)}" for pk, why in sorted(excluded.items())[:10]))
+    share = len(selection.used) / len(partitions) if partitions else 0.0
+    if (policy.mode == "strict" and excluded) or not selection.used or share < policy.min_good_share:
+        rule = "strict shard policy" if policy.mode == "strict" and excluded else \
+            f"fewer than {policy.min_good_share:.0%} of the shards passed"
+        raise Failure(
+            description=f"{len(excluded)} of {len(partitions)} web shard(s) did not pass their checks "
+                        f"({rule}): " + "; ".join(f"web_shards[{pk}]: {', '.join(why)}"
+                                                  for pk, why in sorted(excluded.items())[:5]),
+            metadata=selection.metadata(),
+        )
+    return selection
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 
 
+from contextlib import ExitStack
+
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
@@ -54,19 +56,32 @@ def _reason_metadata(stats: dict) -> dict:
 )
 def web_shards(context: AssetExecutionContext, config: IngestSettings, storage: StorageResource,
                dvc: DvcResource) -> MaterializeResult[Dataset]:
-    """Ingest the landing area's shard named by the partition key."""
-    from blip_core.data.ingest import ingest
+    """Ingest the landing area's shard named by the partition key, recording the version read.
+
+    A run the landing sensor requested fails, reading nothing, when the shard is no longer the
+    version it was requested for (``orchestration.landing``); any run fails when it changes
+    while read.
+    """
+    from blip_core.data.ingest import ingest, quarantine_ratio
+    from orchestration.landing import SOURCE_VERSION, SOURCE_VERSION_TAG, source_version
 
     shard = context.partition_key
-    with stopwatch() as t, storage.local_file(f"{LANDING_WEB}/{shard}") as src, staging(storage) as tmp:
-        stats = ingest(src, tmp / "out", config.to_ingest_config()).to_json()
+    version = source_version(storage, shard, context.run.tags.get(SOURCE_VERSION_TAG))
+    parquet = shard.removesuffix(".tar") + ".parquet"  # the producer's columns and listing
+    with stopwatch() as t, ExitStack() as stack:
+        tmp = stack.enter_context(staging(storage))
+        (tmp / "src").mkdir()
+        for name in [shard, *([parquet] if parquet in storage.list_files(LANDING_WEB, ".parquet") else [])]:
+            (tmp / "src" / name).symlink_to(stack.enter_context(storage.local_file(f"{LANDING_WEB}/{name}")))
+        stats = ingest(tmp / "src" / shard, tmp / "out", config.to_ingest_config()).to_json()
+        source_version(storage, shard, version)  # unchanged while read
         ds = publish(storage, "web_shards", tmp / "out", partition=shard)
         versioned = Tools(storage, dvc=dvc).dvc_metadata(ds)
-    total = stats["kept"] + stats["quarantined"]
-    ratio = stats["quarantined"] / total if total else 0.0
+    ratio = quarantine_ratio(stats)
     return MaterializeResult(value=ds, data_version=DataVersion(ds.version), metadata={
         **dataset_metadata(ds, t["seconds"]),
         "source": storage.uri(f"{LANDING_WEB}/{shard}"),
+        SOURCE_VERSION: MetadataValue.text(version),
         "kept": MetadataValue.int(stats["kept"]),
         "quarantined": MetadataValue.int(stats["quarantined"]),
         "quarantine_ratio": MetadataValue.float(round(ratio, 4)),
@@ -114,8 +129,3 @@ def human_pairs(context: AssetExecutionContext, config: IngestSettings, storage:
         **_reason_metadata(stats),
         **versioned,
     })
-
-
-def landed_shards(storage: StorageResource) -> list[str]:
-    """Names of the shards in the landing area (the partition keys web_shards can have)."""
-    return storage.list_files(LANDING_WEB, suffix=".tar")

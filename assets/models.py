@@ -19,6 +19,7 @@ from typing import Any
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.checks import ShardPolicy, select_shards
 from assets.common import (
     GROUP,
     IO_MANAGER_KEY,
@@ -182,11 +183,11 @@ HUMAN_TRAIN = ("human_pairs", "/annotations.json:train")
        description="Baseline MED pre-trained (ITC + ITM + LM) on every web shard + human train pairs.")
 def pretrained_med(context: AssetExecutionContext, config: PretrainSettings, storage: StorageResource,
                    mlflow: MlflowResource, dvc: DvcResource, launcher: TrainingLauncher,
-                   web_shards: dict[str, Dataset], human_pairs: Dataset) -> MaterializeResult[Dataset]:
+                   shard_policy: ShardPolicy, web_shards: dict[str, Dataset],
+                   human_pairs: Dataset) -> MaterializeResult[Dataset]:
     """Pre-train the baseline on the noisy web pairs and the human train pairs."""
-    from assets.checks import WEB_CHECKS, require_passed_checks
 
-    require_passed_checks(context, "web_shards", WEB_CHECKS, sorted(web_shards))
+    web_shards = select_shards(context, shard_policy, web_shards).used
     inputs = {f"web_shards[{pk}]": ds for pk, ds in sorted(web_shards.items())}
     sources = [(name, "") for name in inputs] + [HUMAN_TRAIN]
     inputs["human_pairs"] = human_pairs

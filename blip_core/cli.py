@@ -1,4 +1,9 @@
-"""``blip-core``: the pipeline's steps as commands. Each command imports its module lazily."""
+"""``blip-core``: the pipeline's steps as commands. Each command imports its module lazily.
+
+A bad input (a missing or empty source, a wrong kind of file, an option out of range) ends a
+command with one line on stderr, ``blip-core COMMAND: error: ...``, and exit status 2; an
+ingest that keeps nothing exits with status 1.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from blip_core.errors import UsageError
 
 # name -> (module:function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,8 +57,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     _offline_env()
     target, _ = COMMANDS[argv[0]]
     module, func = target.split(":")
-    result = getattr(importlib.import_module(module), func)(argv[1:])
+    try:
+        result = getattr(importlib.import_module(module), func)(argv[1:])
+    except (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        print(f"blip-core {argv[0]}: error: {_message(e)}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
+
+
+def _message(e: Exception) -> str:
+    """One line describing a bad-input error (``PATH: No such file or directory`` for OS errors)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(line.strip() for line in text.splitlines())
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
 
 
 def synth_main(argv: Sequence[str]) -> int:
@@ -62,12 +104,12 @@ def synth_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="blip-core synth",
                                 description="Generate the shapes world (human + noisy web pairs).")
     p.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
-    p.add_argument("--web-noise", type=float, default=defaults.web_noise,
-                   help=f"fraction of noisy web texts (default {defaults.web_noise})")
+    p.add_argument("--web-noise", type=_fraction, default=defaults.web_noise,
+                   help=f"fraction of noisy web texts, in [0, 1] (default {defaults.web_noise})")
     p.add_argument("--seed", type=int, default=defaults.seed, help="generator seed")
-    p.add_argument("--n-web", type=int, default=defaults.n_web, help="web images")
-    p.add_argument("--n-human-train", type=int, default=defaults.n_human_train)
-    p.add_argument("--n-human-test", type=int, default=defaults.n_human_test)
+    p.add_argument("--n-web", type=_count, default=defaults.n_web, help="web images")
+    p.add_argument("--n-human-train", type=_count, default=defaults.n_human_train)
+    p.add_argument("--n-human-test", type=_count, default=defaults.n_human_test)
     args = p.parse_args(argv)
     from dataclasses import replace
 
@@ -81,27 +123,49 @@ def synth_main(argv: Sequence[str]) -> int:
 
 def ingest_main(argv: Sequence[str]) -> int:
     """``blip-core ingest``."""
-    from blip_core.data.ingest import ingest, ingest_human
+    from blip_core.data.formats import SPLITS
+    from blip_core.data.ingest import SOURCE_HINT, ingest, ingest_human
 
     p = argparse.ArgumentParser(
         prog="blip-core ingest",
-        description="Validate web shards (a folder of .tar or one .tar) or a Karpathy JSON. Good "
-                    "samples are written to OUT; bad ones go to OUT/quarantine.jsonl with their "
-                    "reason; counts to OUT/stats.json.",
+        description="Validate web shards (a folder of .tar or one .tar) or human annotations (a "
+                    "list-layout JSON, Karpathy's dataset_coco.json or COCO's captions_*.json). "
+                    "Good samples are written to OUT; bad ones go to OUT/quarantine.jsonl with "
+                    "their reason; counts to OUT/stats.json. Exit status 1 when nothing is kept.",
     )
     p.add_argument("src", type=Path, help="shard folder, shard .tar, or annotations .json")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--image-root", type=Path,
-                   help="images folder of a JSON source (default: the JSON's folder)")
+                   help="images folder of a JSON source (default: the JSON's folder; for COCO "
+                        "the split's folder, e.g. train2017/)")
+    p.add_argument("--split", choices=SPLITS,
+                   help="split of JSON entries without one (COCO captions_*.json; default: from "
+                        "the file name, captions_val2017.json is val)")
     args = p.parse_args(argv)
-    if args.src.suffix == ".json":
-        stats = ingest_human(args.src, args.image_root or args.src.parent, args.out)
+    human = args.src.suffix.lower() == ".json"
+    if not args.src.exists():
+        raise UsageError(f"{args.src} does not exist; {SOURCE_HINT}")
+    if not human and (args.image_root or args.split):
+        raise UsageError("--image-root and --split apply to an annotations .json, not to web shards")
+    root = args.image_root or args.src.parent
+    if human:
+        stats = ingest_human(args.src, root, args.out, default_split=args.split)
     else:
         stats = ingest(args.src, args.out)
-    s = stats if isinstance(stats, dict) else vars(stats)
-    print(f"kept {s['kept']}, quarantined {s['quarantined']} {s.get('by_reason', {})}")
+    print(f"kept {stats.kept}, quarantined {stats.quarantined} {stats.by_reason}")
     print(f"written to {args.out.resolve()}")
-    return 0
+    if stats.kept:
+        return 0
+    unit = "images" if human else "samples"
+    if not stats.quarantined:
+        why = f"{args.src} holds no {'annotated images' if human else 'samples'}"
+    else:
+        why = (f"all {stats.quarantined} {unit} were quarantined, see {args.out / 'quarantine.jsonl'} "
+               "for the reasons")
+        if human and "missing_image" in stats.by_reason:
+            why += f" (image files not found: are the paths relative to --image-root, now {root}?)"
+    print(f"blip-core ingest: error: kept nothing: {why}", file=sys.stderr)
+    return 1
 
 
 def _counts(manifest: dict) -> str:

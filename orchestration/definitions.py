@@ -22,6 +22,7 @@ from typing import Any
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from assets import ALL_ASSETS, ALL_CHECKS
+from assets.checks import ShardPolicy
 from assets.common import IO_MANAGER_KEY
 from orchestration.dvc_resource import DvcResource
 from orchestration.launcher import TrainingLauncher, launcher_from_env
@@ -53,6 +54,7 @@ def build_resources(storage: StorageResource, data_dir: str,
         "mlflow": MlflowResource(data_dir=data_dir),
         "dvc": DvcResource(repo_dir=data_dir, remote_url=remote, endpoint_url=endpoint or "", push=dvc_push),
         "launcher": launcher or launcher_from_env(),
+        "shard_policy": ShardPolicy(),
     }
 
 

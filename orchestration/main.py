@@ -2,8 +2,9 @@
 
 ``python -m orchestration.main --data DIR [--preset tiny]``
 
-1. lands the embedded shapes world in ``DIR/landing`` unless shards are already there;
-2. adds one ``web_shards`` partition per landed shard;
+1. lands the parts of the embedded shapes world ``DIR/landing`` lacks (the web shards unless
+   shards are there, the human pairs unless ``human/annotations.json`` is), overwriting nothing;
+2. adds one ``web_shards`` partition per complete landed shard (``orchestration.landing``);
 3. materializes, in-process, each new shard (with its blocking checks), then everything
    downstream in one run, on the Dagster instance in ``DIR/dagster_home`` — the one the UI
    (``python -m orchestration.ui --data DIR``) opens, so the runs, metadata and plots are there;
@@ -51,38 +52,82 @@ def prepare_home(data: Path) -> Path:
     return home
 
 
-def land_shapes_world(storage: StorageResource, seed: int | None = None, **world: Any) -> bool:
-    """Generates the embedded shapes world into the landing area unless web shards are there.
+@dataclass
+class WorldLanding:
+    """What :func:`land_shapes_world` did to the landing area."""
+
+    landed: list[str] = field(default_factory=list)  # keys it wrote
+    kept: list[str] = field(default_factory=list)  # keys already there, left as they were
+    skipped: list[str] = field(default_factory=list)  # parts of the world not landed, and why
+
+    def describe(self, storage: StorageResource) -> str:
+        """What was landed where, what was left as the user placed it (the first few named)."""
+        lines = [f"landed {len(self.landed)} file(s) of the shapes world in {storage.uri('landing')}"]
+        if self.kept:
+            lines.append(f"  left {len(self.kept)} file(s) already there as they were: "
+                         f"{', '.join(self.kept[:5])}{' ...' if len(self.kept) > 5 else ''}")
+        lines += [f"  not landed: {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def land_shapes_world(storage: StorageResource, seed: int | None = None, **world: Any) -> WorldLanding:
+    """Lands the parts of the embedded shapes world the landing area lacks, overwriting nothing.
+
+    The web part (``web/`` shards, ``truth/web_truth.jsonl``, ``manifest.json``) is landed only
+    when no ``.tar`` is landed, the human part (``human/``, ``truth/human_scenes.jsonl``) only
+    when ``human/annotations.json`` is absent; of those, only files whose key is free are
+    written (:meth:`StorageResource.publish_new_files`).
 
     Args:
         seed: World seed (default: the recipe's).
         world: ``WorldConfig`` overrides (tests use a tiny world).
-
-    Returns:
-        Whether a world was generated.
     """
+    import shutil
     import tempfile
 
-    from assets.common import LANDING_WEB
+    from assets.common import LANDING_HUMAN, LANDING_WEB
     from assets.models import RECIPE
     from blip_core.data.shapes import generate_world
 
+    result = WorldLanding()
+    unwanted: list[str] = []
     if storage.list_files(LANDING_WEB, suffix=".tar"):
-        return False
+        result.skipped.append(f"web shards: {storage.uri(LANDING_WEB)} already holds shards")
+        unwanted += ["web", "truth/web_truth.jsonl", "manifest.json"]
+    if "annotations.json" in storage.list_files(LANDING_HUMAN, suffix=".json"):
+        result.skipped.append(f"human pairs: {storage.uri(LANDING_HUMAN + '/annotations.json')} exists")
+        unwanted += ["human", "truth/human_scenes.jsonl"]
+    if len(result.skipped) == 2:
+        return result
     cfg = replace(RECIPE.world, seed=RECIPE.seed if seed is None else seed, **world)
     with tempfile.TemporaryDirectory(dir=storage.scratch_dir("tmp")) as tmp:
-        generate_world(Path(tmp) / "world", cfg)
-        storage.publish_dir(Path(tmp) / "world", "landing", move=True)
-    return True
+        out = Path(tmp) / "world"
+        generate_world(out, cfg)
+        for rel in unwanted:
+            if (out / rel).is_dir():
+                shutil.rmtree(out / rel)
+            else:
+                (out / rel).unlink()
+        result.landed, result.kept = storage.publish_new_files(out, "landing")
+    return result
 
 
-def register_shards(instance: Any, storage: StorageResource) -> list[str]:
-    """Adds a ``web_shards`` partition for every landed shard not yet known; returns the new ones."""
+def register_shards(instance: Any, storage: StorageResource, settle_s: float = 1.0) -> list[str]:
+    """Adds a ``web_shards`` partition for every ready landed shard not yet known; returns the new ones.
+
+    A shard is ready when complete (``orchestration.landing``): its ``_stats.json`` beside it,
+    or a closed tar unchanged over ``settle_s`` seconds; those still being written are named and
+    left for the landing sensor or the next run.
+    """
     from assets.common import web_shard_partitions
-    from assets.data import landed_shards
+    from orchestration.landing import ready_shards
 
+    shards = ready_shards(storage, settle_s)
+    if shards.pending:
+        print(f"waiting for {len(shards.pending)} shard(s) still being written (not registered): "
+              f"{', '.join(shards.pending)}", flush=True)
     known = set(instance.get_dynamic_partitions(web_shard_partitions.name))
-    new = [s for s in landed_shards(storage) if s not in known]
+    new = [s for s in shards.ready if s not in known]
     if new:
         instance.add_dynamic_partitions(web_shard_partitions.name, new)
     return new
@@ -97,8 +142,14 @@ class LineageResult:
 
     @property
     def success(self) -> bool:
-        runs = [*self.shard_runs.values(), self.main_run]
-        return all(r is not None and r.success for r in runs)
+        """Whether the lineage ran to the end: a shard whose run failed (its checks, say) is left
+        out by the assets that read shards (``ShardPolicy``) and does not fail the lineage."""
+        return self.main_run is not None and self.main_run.success
+
+    @property
+    def failed_shards(self) -> list[str]:
+        """Partitions whose ingestion run failed in this lineage."""
+        return sorted(pk for pk, run in self.shard_runs.items() if not run.success)
 
     def check_evaluations(self) -> list[Any]:
         """Every asset check evaluation of the runs."""
@@ -155,14 +206,16 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
     """Materializes the given web shard partitions, then everything downstream.
 
     Runs ``web_shards_job`` once per partition, then ``bootstrap_job``, in this process, on
-    ``instance``; stops before ``bootstrap_job`` if a shard's run failed (a blocking check
-    included).
+    ``instance``. A shard whose run failed (a blocking check included) does not stop the
+    lineage: the assets that read shards leave it out, or stop, per the ``shard_policy``
+    resource.
 
     Args:
         instance: The Dagster instance runs are recorded in.
         resources: See ``orchestration.definitions.build_resources``.
         run_config: ``{"ops": {asset_or_check_op: {"config": {...}}}}`` for any of them.
-        partitions: Shards to (re-)materialize; default: those never materialized.
+        partitions: Shards to (re-)materialize; default: the registered shards that are ready
+            and were never ingested from their current landed version (new or re-landed).
         tags: Run tags.
         assets: The assets (default: those of ``orchestration.definitions``).
 
@@ -174,9 +227,12 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
 
     defs = lineage_definitions(resources, assets)
     if partitions is None:
-        done = instance.get_materialized_partitions(_key("web_shards"))
-        partitions = [p for p in instance.get_dynamic_partitions(web_shard_partitions.name)
-                      if p not in done]
+        from orchestration.landing import ingested_version, ready_shards
+
+        known = set(instance.get_dynamic_partitions(web_shard_partitions.name))
+        ready = ready_shards(resources["storage"]).ready
+        partitions = [pk for pk, version in ready.items()
+                      if pk in known and ingested_version(instance, pk) != version]
     result = LineageResult()
     shard_job, main_job = defs.resolve_job_def("web_shards_job"), defs.resolve_job_def("bootstrap_job")
     shard_config, main_config = check_run_config(run_config, shard_job, main_job)
@@ -185,19 +241,11 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
             run_config=shard_config, instance=instance,
             partition_key=pk, raise_on_error=False, tags=tags,
         )
-    if not all(r.success for r in result.shard_runs.values()):
-        return result
     result.main_run = main_job.execute_in_process(
         run_config=main_config, instance=instance,
         raise_on_error=False, tags=tags,
     )
     return result
-
-
-def _key(name: str) -> Any:
-    from dagster import AssetKey
-
-    return AssetKey(name)
 
 
 def _op_names(job: Any) -> list[str]:
@@ -235,6 +283,10 @@ def summary(storage: StorageResource, result: LineageResult, seconds: float) -> 
         if "precision" in filt:
             lines.append(f"filter vs the world's truth: precision {filt['precision']:.3f}, "
                          f"recall {filt['recall']:.3f}")
+    excluded = _excluded_shards(result) or {pk: "its ingestion run failed" for pk in result.failed_shards}
+    if excluded:
+        lines += ["", f"## web shards left out of training ({len(excluded)})"]
+        lines += [f"- {pk}: {why}" for pk, why in sorted(excluded.items())]
     registry = _registry_line(result)
     if registry:
         lines += ["", "## registry", registry]
@@ -251,6 +303,25 @@ def summary(storage: StorageResource, result: LineageResult, seconds: float) -> 
     lines += ["", f"status: {'SUCCESS' if result.success else 'FAILED'} in {seconds:.0f}s",
               f"Dagster instance: {os.environ.get('DAGSTER_HOME')}"]
     return "\n".join(lines)
+
+
+def _excluded_shards(result: LineageResult) -> dict[str, str]:
+    """Shards ``pretrained_med`` left out in this run, with their reasons (its metadata, or that
+    of its failure when the shard policy stopped it)."""
+    if result.main_run is None:
+        return {}
+    for event in result.main_run.all_events:
+        if event.step_key != "pretrained_med":
+            continue
+        if event.is_step_materialization:
+            metadata = event.event_specific_data.materialization.metadata
+        elif event.is_step_failure and event.step_failure_data.user_failure_data is not None:
+            metadata = event.step_failure_data.user_failure_data.metadata
+        else:
+            continue
+        if "excluded_shards" in metadata:
+            return dict(metadata["excluded_shards"].value)
+    return {}
 
 
 def _registry_line(result: LineageResult) -> str:
@@ -296,8 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, cfg in preset_run_config(args.preset)["ops"].items():
             ops.setdefault(name, {}).setdefault("config", {}).update(cfg["config"])
 
-    if land_shapes_world(storage):
-        print(f"landed the shapes world in {storage.uri('landing')}", flush=True)
+    print(land_shapes_world(storage).describe(storage), flush=True)
     with DagsterInstance.get() as instance:
         new = register_shards(instance, storage)
         print(f"web shards: {len(new)} new partition(s) {new}", flush=True)

@@ -4,7 +4,9 @@ Keys are ``/``-separated relative paths (``assets/pretrained_med``, ``landing/we
 A *dataset* is a folder published under a key with a completion marker (``.complete.json``,
 holding the folder's content hash) written LAST: readers treat a key without its marker as
 absent, so nothing half-written or half-uploaded is ever read as done. Landing areas, filled
-by other tools, are plain files read without a marker.
+by other tools, are plain files read without a marker: :meth:`StorageResource.list_stats` gives
+each one's size and content version (``orchestration.landing`` decides when it is complete), and
+the pipeline only ever adds files there (:meth:`StorageResource.publish_new_files`).
 
 - :class:`LocalStorage` keeps everything under ``root``; datasets appear by atomic rename.
 - :class:`S3Storage` keeps everything under ``s3://bucket/prefix/``; reads go through a local
@@ -43,6 +45,20 @@ MARKER = ".complete.json"
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and the cause."""
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What identifies the content of a plain file: its size and a token rewriting changes."""
+
+    size: int
+    mtime: float  # seconds since the epoch (S3: LastModified)
+    token: str  # local: the modification time in ns; S3: the ETag
+
+    @property
+    def version(self) -> str:
+        """The content version: size and token (a rewritten file gets a new one)."""
+        return f"{self.size}-{self.token}"
 
 
 def _check_key(key: str) -> str:
@@ -127,6 +143,30 @@ class StorageResource(ConfigurableResource):
         """Names (not keys) of the files directly under ``key`` ending in ``suffix``, sorted."""
         raise NotImplementedError
 
+    def list_stats(self, key: str) -> dict[str, FileStat]:
+        """The files directly under ``key`` (hidden ones skipped) by name, with their stat."""
+        raise NotImplementedError
+
+    def stat(self, key: str) -> FileStat | None:
+        """The stat of the file ``key``, or None when there is none."""
+        raise NotImplementedError
+
+    def read_tail(self, key: str, size: int) -> bytes:
+        """The last ``size`` bytes of the file ``key`` (all of it when shorter)."""
+        raise NotImplementedError
+
+    def publish_new_files(self, local: str | os.PathLike[str], key: str) -> tuple[list[str], list[str]]:
+        """Copies each file under the local folder to ``key/<relative path>`` unless one is there.
+
+        Never overwrites: each file appears at once, complete, only where nothing was (a file
+        landed meanwhile wins). Files are written in sorted order (``00000.tar`` before
+        ``00000_stats.json``). Hidden files are skipped.
+
+        Returns:
+            The keys written and the keys left as they were.
+        """
+        raise NotImplementedError
+
     def publish_dir(self, local: str | os.PathLike[str], key: str, move: bool = False,
                     exclude: tuple[str, ...] = (), info: dict[str, Any] | None = None) -> str:
         """Publishes a local folder as the dataset ``key`` (replacing any older one).
@@ -195,6 +235,56 @@ class LocalStorage(StorageResource):
             return []
         return sorted(p.name for p in path.iterdir()
                       if p.is_file() and p.name.endswith(suffix) and not p.name.startswith("."))
+
+    def list_stats(self, key: str) -> dict[str, FileStat]:
+        out = {}
+        for name in self.list_files(key):
+            st = self.stat(f"{_check_key(key)}/{name}")
+            if st is not None:  # None: removed since the listing
+                out[name] = st
+        return out
+
+    def stat(self, key: str) -> FileStat | None:
+        try:
+            st = self.path(key).stat()
+        except FileNotFoundError:
+            return None
+        return FileStat(size=st.st_size, mtime=st.st_mtime, token=str(st.st_mtime_ns))
+
+    def read_tail(self, key: str, size: int) -> bytes:
+        with open(self.path(key), "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - size))
+            return f.read(size)
+
+    def publish_new_files(self, local: str | os.PathLike[str], key: str) -> tuple[list[str], list[str]]:
+        written, kept = [], []
+        for rel in _files(Path(local)):
+            dest_key = f"{_check_key(key)}/{rel.as_posix()}"
+            dest = self.path(dest_key)
+            if dest.exists():
+                kept.append(dest_key)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+            os.close(fd)
+            try:
+                shutil.copy2(Path(local) / rel, tmp)
+                try:
+                    os.link(tmp, dest)  # atomic, and fails where a file exists
+                except FileExistsError:
+                    kept.append(dest_key)
+                    continue
+                except OSError:  # a file system without hard links
+                    if dest.exists():
+                        kept.append(dest_key)
+                        continue
+                    os.rename(tmp, dest)
+                written.append(dest_key)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        return written, kept
 
     def publish_dir(self, local: str | os.PathLike[str], key: str, move: bool = False,
                     exclude: tuple[str, ...] = (), info: dict[str, Any] | None = None) -> str:
@@ -348,15 +438,9 @@ class S3Storage(StorageResource):
     def local_file(self, key: str) -> Iterator[Path]:
         dest = self._cache_path("files", _check_key(key))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with self._errors("head", key):
-            from botocore.exceptions import ClientError
-
-            try:
-                head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    raise StorageError(f"{self.uri(key)}: no such file") from None
-                raise
+        head = self._head(key)
+        if head is None:
+            raise StorageError(f"{self.uri(key)}: no such file")
         etag = dest.with_name(f".{dest.name}.etag")
         if not (dest.is_file() and etag.is_file() and etag.read_text() == head["ETag"]):
             fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
@@ -375,6 +459,67 @@ class S3Storage(StorageResource):
         names = [o["Rel"] for o in self._list(key)]
         return sorted(n for n in names
                       if n and "/" not in n and n.endswith(suffix) and not n.startswith("."))
+
+    @staticmethod
+    def _file_stat(size: int, last_modified: Any, etag: str) -> FileStat:
+        return FileStat(size=int(size), mtime=last_modified.timestamp(), token=etag.strip('"'))
+
+    def list_stats(self, key: str) -> dict[str, FileStat]:
+        return {o["Rel"]: self._file_stat(o["Size"], o["LastModified"], o["ETag"])
+                for o in sorted(self._list(key), key=lambda o: o["Rel"])
+                if o["Rel"] and "/" not in o["Rel"] and not o["Rel"].startswith(".")}
+
+    def stat(self, key: str) -> FileStat | None:
+        head = self._head(key)
+        return None if head is None else self._file_stat(head["ContentLength"], head["LastModified"],
+                                                         head["ETag"])
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        """The object's HEAD response, or None when there is no such object."""
+        from botocore.exceptions import ClientError
+
+        with self._errors("head", key):
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+    def read_tail(self, key: str, size: int) -> bytes:
+        from botocore.exceptions import ClientError
+
+        with self._errors("get", key):
+            try:
+                obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=-{size}")
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
+                    return b""
+                raise
+            return obj["Body"].read()
+
+    def publish_new_files(self, local: str | os.PathLike[str], key: str) -> tuple[list[str], list[str]]:
+        """See :meth:`StorageResource.publish_new_files` (one PUT per file: up to 5 GB each)."""
+        from botocore.exceptions import ClientError
+
+        written, kept = [], []
+        for rel in _files(Path(local)):
+            dest_key = f"{_check_key(key)}/{rel.as_posix()}"
+            if self.stat(dest_key) is not None:
+                kept.append(dest_key)
+                continue
+            with self._errors("upload", dest_key), open(Path(local) / rel, "rb") as body:
+                try:  # If-None-Match: the endpoint refuses to replace an object landed meanwhile
+                    self.client.put_object(Bucket=self.bucket, Key=self._key(dest_key), Body=body,
+                                           IfNoneMatch="*")
+                except ClientError as e:
+                    if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed",
+                                                                       "ConditionalRequestConflict"):
+                        raise
+                    kept.append(dest_key)
+                    continue
+            written.append(dest_key)
+        return written, kept
 
     def publish_dir(self, local: str | os.PathLike[str], key: str, move: bool = False,
                     exclude: tuple[str, ...] = (), info: dict[str, Any] | None = None) -> str:
@@ -478,9 +623,12 @@ class DatasetIOManager(ConfigurableIOManager):
             raise StorageError(f"{obj.uri}: returned but not published")
 
     def load_input(self, context: InputContext) -> Dataset | dict[str, Dataset]:
+        """The upstream's Dataset; for a partitioned upstream, those of its published partitions
+        (a partition that was never published is absent: the asset reading it says so)."""
         path = context.asset_key.path
         if context.has_asset_partitions:
-            return {pk: self._load(dataset_key(path, pk)) for pk in context.asset_partition_keys}
+            keys = {pk: dataset_key(path, pk) for pk in context.asset_partition_keys}
+            return {pk: self._load(key) for pk, key in keys.items() if self.storage.exists(key)}
         return self._load(dataset_key(path))
 
     def _load(self, key: str) -> Dataset:

@@ -51,8 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orchestration.definitions import storage
         from orchestration.main import land_shapes_world, register_shards
 
-        if land_shapes_world(storage):
-            print(f"landed the shapes world in {storage.uri('landing')}", flush=True)
+        print(land_shapes_world(storage).describe(storage), flush=True)
         with DagsterInstance.get() as instance:
             register_shards(instance, storage)
     print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})", flush=True)

@@ -58,6 +58,19 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A plain tar of ``(name, data)`` members, as any tool may write one."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     """Stops a process we started, by its own PID: SIGINT, then SIGTERM, then SIGKILL."""
     for sig in (signal.SIGINT, signal.SIGTERM):

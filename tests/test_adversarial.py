@@ -148,7 +148,7 @@ def test_ingest_keeps_every_good_sample_and_quarantines_every_bad_one(
         if want["sha256"] is not None:  # RGB JPEGs are stored byte for byte
             assert sha256_bytes(item.files["jpg"]) == want["sha256"]
         meta = json.loads(item.files["json"])
-        assert (meta["key"], meta["caption"], meta["sha256"]) == (item.key, caption,
+        assert (meta["key"], meta["caption"], meta["stored_sha256"]) == (item.key, caption,
                                                                    sha256_bytes(item.files["jpg"]))
     print(f"\nweb: tried {truth.web.tried}, good {len(good)}, bad {len(bad)}, kept {stats.kept}, "
           f"quarantined {stats.quarantined}, lost {len(set(good) - set(keys))}, by reason {stats.by_reason}")

@@ -14,7 +14,7 @@ from conftest import TINY_RUN_CONFIG, TINY_WORLD
 from dagster import AssetKey, DagsterInstance, DagsterInvalidConfigError, materialize
 
 from assets import ALL_ASSETS, ALL_CHECKS
-from assets.checks import CORPUS_CHECKS, HUMAN_CHECKS, WEB_CHECKS
+from assets.checks import CORPUS_CHECKS, HUMAN_CHECKS, WEB_CHECKS, ShardPolicy
 from orchestration.definitions import build_resources
 from orchestration.launcher import LocalLauncher
 from orchestration.main import (
@@ -196,27 +196,67 @@ def test_corpus_outside_the_noise_band_stops_downstream(lineage):
         {result.run_id, later.run_id}
 
 
-def test_bad_shard_fails_its_checks_and_is_never_trained_on(tmp_path, tiny_world):
-    storage, resources, instance = _setup(tmp_path / "data", tiny_world)
-    junk = storage.path("landing/web/00099.tar")
-    junk.write_bytes(b"this is not a tar archive" * 100)
-    assert register_shards(instance, storage) == ["00099.tar"]
-    result = materialize_lineage(instance, resources, TINY_RUN_CONFIG)
-    assert result.main_run is None and not result.success  # stopped before any training
-    bad = result.shard_runs["00099.tar"]
-    checks = _checks(bad)
-    assert not checks["web_shards:quarantine_ratio"].passed
-    assert checks["web_shards:quarantine_ratio"].metadata["by_reason"].value == {"unreadable_tar": 1}
-    assert not checks["web_shards:decodable_images"].passed  # nothing left to decode
-    assert all(run.success for pk, run in result.shard_runs.items() if pk != "00099.tar")
+def _land_failed_shards(storage: LocalStorage) -> None:
+    """Beside the good shards: one where every download failed, as img2dataset writes it (an
+    empty tar, a parquet of failed rows, its stats), and one that is not a tar at all."""
+    import tarfile
 
-    later = materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["human_pairs", "pretrained_med"],
-                        instance=instance, resources=resources, raise_on_error=False,
-                        run_config=split_run_config(TINY_RUN_CONFIG, ["pretrained_med"]))
-    failure = next(e for e in later.all_events if e.is_step_failure)
-    assert "web_shards[00099.tar]: check quarantine_ratio failed" in failure.step_failure_data.error.message
-    assert not storage.exists(dataset_key(["pretrained_med"]))
-    assert json.loads(storage.path("assets/web_shards/00099.tar/stats.json").read_text())["kept"] == 0
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    web = storage.path("landing/web")
+    with tarfile.open(web / "00098.tar", "w"):
+        pass
+    rows = [{"key": f"0009800{i:02d}", "url": f"http://x.invalid/{i}.jpg", "caption": "a red circle",
+             "status": "failed_to_download", "error_message": "HTTP Error 404"} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), web / "00098.parquet")
+    (web / "00098_stats.json").write_text(json.dumps({"count": 5, "successes": 0, "failed_to_download": 5}))
+    (web / "00099.tar").write_bytes(b"this is not a tar archive" * 100)
+    (web / "00099_stats.json").write_text(json.dumps({"count": 0, "successes": 0}))
+
+
+@pytest.mark.slow  # a whole (tiny) lineage
+def test_failed_shards_are_left_out_with_their_reasons_and_training_goes_on(tmp_path, tiny_world):
+    storage, resources, instance = _setup(tmp_path / "data", tiny_world)
+    _land_failed_shards(storage)
+    assert register_shards(instance, storage) == ["00098.tar", "00099.tar"]
+    result = materialize_lineage(instance, resources, TINY_RUN_CONFIG)
+
+    assert result.failed_shards == ["00098.tar", "00099.tar"]
+    empty = _checks(result.shard_runs["00098.tar"])
+    assert not empty["web_shards:decodable_images"].passed  # nothing to train on
+    assert empty["web_shards:decodable_images"].metadata["samples"].value == 0
+    assert empty["web_shards:quarantine_ratio"].passed  # nothing was quarantined either
+    asset_ratio = _materializations(result.shard_runs["00098.tar"])["web_shards"].metadata["quarantine_ratio"]
+    assert asset_ratio.value == empty["web_shards:quarantine_ratio"].metadata["quarantine_ratio"].value == 0.0
+    junk = _checks(result.shard_runs["00099.tar"])
+    assert junk["web_shards:quarantine_ratio"].metadata["by_reason"].value == {"unreadable_tar": 1}
+
+    assert result.success  # the retraining went on with the two good shards
+    meta = _materializations(result.main_run)["pretrained_med"].metadata
+    assert meta["web_shards_used"].value == 2 and meta["web_shards_excluded"].value == 2
+    excluded = meta["excluded_shards"].value
+    assert sorted(excluded) == ["00098.tar", "00099.tar"]
+    assert "check decodable_images failed" in excluded["00098.tar"]
+    assert "check quarantine_ratio failed" in excluded["00099.tar"]
+    assert sorted(meta["inputs"].value) == ["human_pairs", "web_shards[00000.tar]", "web_shards[00001.tar]"]
+    text = summary(storage, result, 1.0)
+    assert "## web shards left out of training (2)" in text
+    assert f"- 00098.tar: {excluded['00098.tar']}" in text and "status: SUCCESS" in text
+
+    strict = {**resources, "shard_policy": ShardPolicy(mode="strict")}
+    refused = materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["pretrained_med"], instance=instance,
+                          resources=strict, raise_on_error=False,
+                          run_config=split_run_config(TINY_RUN_CONFIG, ["pretrained_med"]))
+    failure = next(e for e in refused.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.message
+    assert "strict shard policy" in message and "web_shards[00099.tar]: check" in message
+    few = {**resources, "shard_policy": ShardPolicy(min_good_share=0.75)}
+    refused = materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["pretrained_med"], instance=instance,
+                          resources=few, raise_on_error=False,
+                          run_config=split_run_config(TINY_RUN_CONFIG, ["pretrained_med"]))
+    assert "fewer than 75% of the shards passed" in next(
+        e for e in refused.all_events if e.is_step_failure).step_failure_data.error.message
 
 
 def test_checks_fail_with_their_observed_values(tmp_path, tiny_world):

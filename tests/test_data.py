@@ -7,13 +7,13 @@ import json
 import os
 import shutil
 import struct
-import tarfile
 import zlib
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import write_tar
 from PIL import Image
 
 from blip_core.data import formats, ingest, shapes
@@ -66,15 +66,6 @@ def _png_declaring(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _pair(key: str, image: bytes, caption: bytes = b"a red square") -> list[tuple[str, bytes]]:
@@ -223,7 +214,8 @@ def test_shards_are_img2dataset_webdataset(world: Path) -> None:
         meta = json.loads(sample["json"])
         assert row["key"] == meta["key"] == sample["__key__"]
         assert row["caption"] == meta["caption"] == sample["txt"].decode()
-        assert row["sha256"] == meta["sha256"] == sha256_bytes(sample["jpg"])
+        assert row["sha256"] == meta["sha256"] == sha256_bytes(sample["jpg"])  # img2dataset's
+        assert row["stored_sha256"] == meta["stored_sha256"] == sha256_bytes(sample["jpg"])  # ours
         assert (row["width"], row["height"], row["status"]) == (64, 64, "success")
         assert row["url"] == f"https://shapes.invalid/{row['key']}.jpg"
 
@@ -235,7 +227,7 @@ def test_write_shards_rejects_unsafe_keys(tmp_path: Path) -> None:
 
 
 def test_iter_shard_truncated_and_unreadable(tmp_path: Path) -> None:
-    tar = _write_tar(tmp_path / "t.tar", _pair("a", _jpeg()) + _pair("b", _jpeg()))
+    tar = write_tar(tmp_path / "t.tar", _pair("a", _jpeg()) + _pair("b", _jpeg()))
     data = tar.read_bytes()
     cut = data.index(b"b.jpg") + 512 + 100  # inside b.jpg's data
     tar.write_bytes(data[:cut])
@@ -258,7 +250,7 @@ def bad_shards(tmp_path: Path) -> Path:
     palette = Image.new("P", (32, 32))
     palette.putpalette([255, 0, 0] * 256)
     big = bytes(70_000)  # above the test's max_member_bytes
-    _write_tar(
+    write_tar(
         src / "00000.tar",
         [
             *_pair("good1", good),
@@ -286,8 +278,8 @@ def bad_shards(tmp_path: Path) -> Path:
             ("huge.txt", b"big"),
         ],
     )
-    _write_tar(src / "00001.tar", [*_pair("good2", good), *_pair("good1", good)])  # duplicate
-    shard = _write_tar(src / "00002.tar", [*_pair("good3", good), *_pair("lost", good)])
+    write_tar(src / "00001.tar", [*_pair("good2", good), *_pair("good1", good)])  # duplicate
+    shard = write_tar(src / "00002.tar", [*_pair("good3", good), *_pair("lost", good)])
     data = shard.read_bytes()
     shard.write_bytes(data[: data.index(b"lost.jpg") + 700])  # truncated inside lost.jpg
     return src

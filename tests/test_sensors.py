@@ -35,35 +35,45 @@ def instance() -> Iterator[DagsterInstance]:
 
 
 def _land(world: Path, landing: Path, index: int) -> str:
+    """Lands a complete img2dataset shard as ``{index:05d}.tar``: the tar, then its _stats.json."""
     shards = sorted((world / "web").glob("*.tar"))
-    name = f"{index:05d}.tar"
+    src, name = shards[index % len(shards)], f"{index:05d}.tar"
     landing.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shards[index % len(shards)], landing / name)
+    shutil.copy(src, landing / name)
+    shutil.copy(src.with_name(f"{src.stem}_stats.json"), landing / f"{index:05d}_stats.json")
     return name
 
 
-def _tick(instance: DagsterInstance, storage: object, cursor: str | None) -> SensorResult | SkipReason:
+def _tick(instance: DagsterInstance, storage: object, cursor: str | None) -> SensorResult:
     context = build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage})
     return landing_sensor(context)
+
+
+def _version(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
 
 
 def test_new_shards_become_partitions_and_ingestion_runs(instance, tiny_world: Path, tmp_path: Path):
     storage = LocalStorage(root=str(tmp_path / "data"))
     landing = tmp_path / "data" / "landing" / "web"
-    assert isinstance(_tick(instance, storage, None), SkipReason)  # nothing landed yet
+    empty = _tick(instance, storage, None)
+    assert empty.run_requests == [] and "0 landed" in str(empty.skip_reason)  # nothing landed yet
 
     first = [_land(tiny_world, landing, i) for i in (0, 1)]
     (landing / "notes.txt").write_text("not a shard")
     result = _tick(instance, storage, None)
-    assert isinstance(result, SensorResult)
+    versions = {k: _version(landing / k) for k in first}
     assert [r.partition_key for r in result.run_requests] == first
-    assert [r.run_key for r in result.run_requests] == [f"web_shards:{k}" for k in first]
+    assert [r.run_key for r in result.run_requests] == [f"web_shards:{k}:{versions[k]}" for k in first]
+    assert [r.tags["blip-ops/source_version"] for r in result.run_requests] == list(versions.values())
     [add] = result.dynamic_partitions_requests
     assert add.partitions_def_name == "web_shards" and list(add.partition_keys) == first
-    assert json.loads(result.cursor) == first
+    assert json.loads(result.cursor) == {"requested": versions, "pending": {}}
     instance.add_dynamic_partitions("web_shards", list(add.partition_keys))  # as the daemon does
 
-    assert isinstance(_tick(instance, storage, result.cursor), SkipReason)  # same files: nothing new
+    again = _tick(instance, storage, result.cursor)  # same files: nothing new
+    assert again.run_requests == [] and again.skip_reason is not None
     third = _land(tiny_world, landing, 2)
     result = _tick(instance, storage, result.cursor)
     assert [r.partition_key for r in result.run_requests] == [third]
@@ -88,8 +98,13 @@ def test_s3_landing_prefix(instance, tiny_world: Path, s3_env: str):
     client = boto3.client("s3", endpoint_url=s3_env)
     client.upload_file(str(shard), "landing-test", "team/blip/landing/web/00007.tar")
     client.put_object(Bucket="landing-test", Key="team/blip/landing/web/readme.md", Body=b"x")
-    result = _tick(instance, storage, None)
-    assert [r.partition_key for r in result.run_requests] == ["00007.tar"]
+    first = _tick(instance, storage, None)  # no _stats.json: ready once seen unchanged twice
+    assert first.run_requests == [] and list(json.loads(first.cursor)["pending"]) == ["00007.tar"]
+    result = _tick(instance, storage, first.cursor)
+    [request] = result.run_requests
+    etag = client.head_object(Bucket="landing-test", Key="team/blip/landing/web/00007.tar")["ETag"]
+    assert request.partition_key == "00007.tar"
+    assert request.run_key == f"web_shards:00007.tar:{shard.stat().st_size}-{etag.strip(chr(34))}"
 
 
 def test_sensor_targets_the_ingestion_job():

@@ -377,7 +377,7 @@ def _stray(c: _WebCorpus, key: str) -> tuple[str, list[_Member]]:
 
 
 def _checksum(c: _WebCorpus, key: str) -> tuple[str, list[_Member]]:
-    return key, _members(key, c.jpg, b"a red circle", c.meta(key, sha256="0" * 64))
+    return key, _members(key, c.jpg, b"a red circle", c.meta(key, stored_sha256="0" * 64))
 
 
 def _dotdot_once(c: _WebCorpus, key: str) -> str:

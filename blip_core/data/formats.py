@@ -5,7 +5,8 @@
   ``{shard:05d}.parquet`` beside it with one row per sample.
 - Human pairs: COCO Karpathy-split JSON, a list of
   ``{"image": relative path, "caption": [str, ...], "split": "train"|"val"|"test",
-  "image_id": str}``.
+  "image_id": str}``. Read as well: Karpathy's ``dataset_coco.json`` and COCO's own
+  ``captions_{train,val}2017.json`` (see :func:`load_karpathy_entries`).
 
 Shards are read by streaming over tar headers, one sample at a time, without extracting
 anything to disk. Problems are yielded as :class:`Rejection` values, never raised; the reason
@@ -27,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from blip_core.errors import UsageError
 from blip_core.io import atomic_file, atomic_write_json, sha256_bytes
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
@@ -42,13 +44,28 @@ PARQUET_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("caption", pa.string()),
         ("url", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
         ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("exif", pa.string()),
         ("sha256", pa.string()),
+        ("stored_sha256", pa.string()),
     ]
 )
-"""Columns of the parquet file written beside each shard (a subset of img2dataset's)."""
+"""Columns of the parquet file written beside each shard: img2dataset's (default settings, same
+names and types; its ``sha256`` is the hash of the bytes it downloaded, before any resize or
+re-encoding) plus ``stored_sha256``, ours: the hash of the image bytes stored in the tar. A
+shard written from an input parquet keeps that parquet's columns and types (md5 instead of
+sha256, additional columns) and gains the missing ones of this schema."""
+
+REQUIRED_COLUMNS = ("key", "caption", "url", "status", "width", "height", "stored_sha256")
+"""Columns every parquet we write has (the ``schema`` check's contract)."""
+
+STORED_HASH = "stored_sha256"
+"""Our field (``.json`` and parquet): sha256 of the image bytes stored in the shard."""
 
 _TAR_MTIME = 0  # fixed member mtime: identical input gives byte-identical shards
 
@@ -130,11 +147,17 @@ class ShardWriter:
     Members are written sorted by extension (``jpg``, ``json``, ``txt``) with a fixed mtime,
     so identical samples give byte-identical shards. Use as a context manager; on an exception
     neither file appears.
+
+    Args:
+        tar_path: The ``.tar`` to write; the parquet goes beside it.
+        schema: Parquet columns (default :data:`PARQUET_SCHEMA`); :func:`output_schema` of an
+            input parquet keeps its producer's columns and types.
     """
 
-    def __init__(self, tar_path: str | os.PathLike[str]) -> None:
+    def __init__(self, tar_path: str | os.PathLike[str], schema: pa.Schema | None = None) -> None:
         self.tar_path = Path(tar_path)
         self.parquet_path = self.tar_path.with_suffix(".parquet")
+        self.schema = schema if schema is not None else PARQUET_SCHEMA
         self.rows: list[dict[str, Any]] = []
         self._cm = atomic_file(self.tar_path, "wb")
         self._tar: tarfile.TarFile | None = None
@@ -165,15 +188,21 @@ class ShardWriter:
         assert self._tar is not None
         self._tar.addfile(info, io.BytesIO(data) if info.size else None)
 
-    def write(self, sample: Sample) -> None:
-        """Appends one sample; fills ``width``/``height``/``sha256``/``status`` if missing."""
+    def write(self, sample: Sample, row: dict[str, Any] | None = None) -> None:
+        """Appends one sample.
+
+        The ``.json`` member is ``sample.meta`` with ``key``, ``caption`` and
+        :data:`STORED_HASH` set, and ``width``/``height``/``url``/``status`` filled if missing.
+        The parquet row is ``row`` (the producer's, typed) when given, else the ``.json``
+        fields; either way with ``key``, ``caption`` and :data:`STORED_HASH` of this sample.
+        """
         check_key(sample.key)
         meta: dict[str, Any] = {"key": sample.key, "caption": sample.caption, **sample.meta}
         meta.setdefault("url", None)
         if "width" not in meta or "height" not in meta:
             meta["width"], meta["height"] = _image_size(sample.jpg)
         meta.setdefault("status", "success")
-        meta.setdefault("sha256", sha256_bytes(sample.jpg))
+        meta[STORED_HASH] = sha256_bytes(sample.jpg)
         members = {
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
             "jpg": sample.jpg,
@@ -181,7 +210,11 @@ class ShardWriter:
         }
         for ext in sorted(members):
             self.add_member(f"{sample.key}.{ext}", members[ext])
-        self.rows.append({name: meta.get(name) for name in PARQUET_SCHEMA.names})
+        ours = {name: meta[name] for name in ("key", "caption", STORED_HASH)}
+        if row is not None:
+            self.rows.append({**row, **ours})
+        else:
+            self.rows.append({f.name: _typed(meta.get(f.name), f.type) for f in self.schema} | ours)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self._tar is not None
@@ -190,9 +223,30 @@ class ShardWriter:
         finally:
             self._cm.__exit__(exc_type, exc, tb)
         if exc_type is None:
-            table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
+            table = pa.Table.from_pylist(self.rows, schema=self.schema)
             with atomic_file(self.parquet_path, "wb") as f:
                 pq.write_table(table, f)
+
+
+def _typed(value: Any, type_: pa.DataType) -> Any:
+    """``value`` if it converts to ``type_`` (a producer's .json field), else None."""
+    if value is None:
+        return None
+    try:
+        pa.array([value], type=type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return None
+    return value
+
+
+def output_schema(producer: pa.Schema | None) -> pa.Schema:
+    """The parquet schema of a re-written shard: the producer's columns and types, in their
+    order, then those of :data:`PARQUET_SCHEMA` the producer lacks."""
+    if producer is None:
+        return PARQUET_SCHEMA
+    fields = list(producer)
+    names = set(producer.names)
+    return pa.schema(fields + [f for f in PARQUET_SCHEMA if f.name not in names])
 
 
 def write_shards(
@@ -459,39 +513,162 @@ class HumanImage:
         }
 
 
-def _entries(raw: Any) -> list[dict[str, Any]]:
-    """Normalises the accepted top-level layouts to a list of entry dicts."""
-    if isinstance(raw, dict) and isinstance(raw.get("images"), list):
-        # Karpathy's original dataset_coco.json: {"images": [{"filepath", "filename",
-        # "sentences": [{"raw"}], "split"}]}; "restval" is training data.
-        out = []
-        for e in raw["images"]:
-            if not isinstance(e, dict):
-                out.append(e)
-                continue
-            image = "/".join(p for p in (e.get("filepath"), e.get("filename")) if p)
-            split = "train" if e.get("split") == "restval" else e.get("split")
-            out.append(
-                {
-                    "image": image or None,
-                    "caption": [s.get("raw") for s in e.get("sentences", []) if isinstance(s, dict)],
-                    "split": split,
-                    "image_id": e.get("cocoid", e.get("imgid")),
-                }
-            )
-        return out
+_SPLIT_IN_NAME = re.compile(r"(?:^|[^a-z])(train|val|test)(?=[^a-z]|$)")
+
+
+def split_from_name(path: str | os.PathLike[str]) -> str | None:
+    """The split a file's name names (``captions_val2017.json`` -> ``"val"``), or None when it
+    names none or several (``trainval``)."""
+    found = set(_SPLIT_IN_NAME.findall(Path(path).stem.lower()))
+    return found.pop() if len(found) == 1 else None
+
+
+def _with_split(entry: Any, default_split: str | None) -> Any:
+    """A list-layout entry, with ``default_split`` when it has no split of its own."""
+    if default_split is None or not isinstance(entry, dict) or entry.get("split") not in (None, ""):
+        return entry
+    return {**entry, "split": default_split}
+
+
+def _karpathy_entries(images: list[Any], default_split: str | None) -> list[Any]:
+    """Karpathy's ``dataset_coco.json`` images as list-layout entries (``restval`` is train)."""
+    out: list[Any] = []
+    for e in images:
+        if not isinstance(e, dict):
+            out.append(e)
+            continue
+        image = "/".join(p for p in (e.get("filepath"), e.get("filename")) if isinstance(p, str) and p)
+        split = e.get("split") or default_split
+        sentences = e.get("sentences")
+        image_id = e.get("cocoid", e.get("imgid"))
+        out.append(
+            {
+                "image": image or None,
+                "caption": [x.get("raw") for x in sentences if isinstance(x, dict)]
+                if isinstance(sentences, list) else None,
+                "split": "train" if split == "restval" else split,
+                "image_id": None if image_id is None else str(image_id),
+            }
+        )
+    return out
+
+
+def _coco_entries(raw: dict[str, Any], path: str, default_split: str | None) -> list[Any]:
+    """COCO ``captions_*.json`` as list-layout entries: one per item of ``images``, in order,
+    with the captions of the annotations naming its ``id``; then one per annotation whose
+    ``image_id`` is not in ``images`` (no ``image``, a ``problem`` saying so)."""
+    images, annotations = raw.get("images"), raw["annotations"]
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise UsageError(f"{path}: has 'annotations' (COCO captions_*.json) but 'images' and "
+                         "'annotations' are not both lists")
+    if annotations and not any(isinstance(a, dict) and "caption" in a for a in annotations):
+        raise UsageError(f"{path}: no item of 'annotations' has a 'caption': give COCO's "
+                         "captions_*.json, not instances_*.json or person_keypoints_*.json")
+    split = default_split or split_from_name(path)
+    if split is None:
+        raise UsageError(f"{path}: COCO captions_*.json has no split field and its name names "
+                         "none: give the split (blip-core ingest --split train|val|test)")
+    known = {im.get("id") for im in images if isinstance(im, dict) and isinstance(im.get("id"), int | str)}
+    captions: dict[int | str, list[Any]] = {}
+    dangling: list[dict[str, Any]] = []
+    for k, a in enumerate(annotations):
+        image_id = a.get("image_id") if isinstance(a, dict) else None
+        if isinstance(image_id, int | str) and image_id in known:
+            captions.setdefault(image_id, []).append(a.get("caption"))
+            continue
+        where = f"annotations[{k}]" + (f" (id {a['id']})" if isinstance(a, dict) and "id" in a else "")
+        problem = (f"{where}: image_id {image_id!r} is not in 'images'" if image_id is not None
+                   else f"{where} has no 'image_id'")
+        dangling.append({"image": None, "caption": [a.get("caption") if isinstance(a, dict) else a],
+                         "split": split, "image_id": None if image_id is None else str(image_id),
+                         "problem": problem})
+    out: list[Any] = []
+    for im in images:
+        if not isinstance(im, dict):
+            out.append(im)
+            continue
+        image_id = im.get("id")
+        has_id = isinstance(image_id, int | str)
+        out.append({"image": im.get("file_name") or None,  # a repeated id gets no captions again
+                    "caption": captions.pop(image_id, []) if has_id else [],
+                    "split": split, "image_id": str(image_id) if has_id else None})
+    return out + dangling
+
+
+def _not_a_layout(raw: Any, path: str) -> str:
+    """Why ``raw`` fits none of the layouts: what each one misses."""
     if isinstance(raw, list):
-        return raw
-    raise ValueError("expected a list of entries or a dict with an 'images' list")
+        first = raw[0]
+        as_list = "entry 0 has no 'image'" if isinstance(first, dict) else \
+            f"entry 0 is a {type(first).__name__}, not an object"
+        as_karpathy = as_coco = "top level is a list, not an object"
+    elif isinstance(raw, dict):
+        as_list = "top level is an object, not a list"
+        images = raw.get("images")
+        as_karpathy = "no item of 'images' has 'sentences'" if isinstance(images, list) else \
+            "top level has no 'images' list"
+        as_coco = "top level has no 'annotations'"
+    else:
+        as_list = as_karpathy = as_coco = f"top level is a {type(raw).__name__}"
+    return (f"{path}: not a known layout: {as_list} (list layout), {as_karpathy} (Karpathy "
+            f"dataset_coco.json), {as_coco} (COCO captions_*.json)")
 
 
-def load_karpathy_entries(path: str | os.PathLike[str]) -> list[Any]:
-    """The raw entries of a Karpathy JSON file (list layout or ``dataset_coco.json`` layout)."""
+def _entries(raw: Any, path: str, default_split: str | None = None) -> list[Any]:
+    """Normalises the accepted top-level layouts to a list of list-layout entries.
+
+    Raises:
+        UsageError: If ``raw`` fits none of the layouts, or is COCO's without a split.
+    """
+    if isinstance(raw, list):
+        if raw and not any(isinstance(e, dict) and "image" in e for e in raw):
+            raise UsageError(_not_a_layout(raw, path))
+        return [_with_split(e, default_split) for e in raw]
+    if isinstance(raw, dict) and "annotations" in raw:
+        return _coco_entries(raw, path, default_split)
+    images = raw.get("images") if isinstance(raw, dict) else None
+    if isinstance(images, list) and (not images or any(isinstance(e, dict) and "sentences" in e
+                                                       for e in images)):
+        return _karpathy_entries(images, default_split)
+    raise UsageError(_not_a_layout(raw, path))
+
+
+def load_karpathy_entries(path: str | os.PathLike[str], default_split: str | None = None) -> list[Any]:
+    """The entries of a human-annotation JSON file, in the list layout, not yet checked.
+
+    Three layouts are read:
+
+    - the list layout of this module (BLIP's ``coco_karpathy_*.json``);
+    - Karpathy's ``dataset_coco.json``: ``{"images": [{"filepath", "filename", "sentences":
+      [{"raw"}], "split", "cocoid"}]}``; the image is ``filepath/filename``, ``restval`` is
+      train;
+    - COCO's ``captions_*.json``: ``{"images": [{"id", "file_name"}], "annotations":
+      [{"image_id", "caption"}]}``; captions are grouped by image, the image is ``file_name``
+      (relative to the folder of the split's images, ``train2017/``), ``image_id`` is
+      ``str(id)``. An image without annotations has no captions; an annotation whose
+      ``image_id`` is not in ``images`` becomes an entry without ``image`` whose ``problem``
+      says so.
+
+    Args:
+        path: The JSON file.
+        default_split: Split of entries without one. COCO's layout has none: without
+            ``default_split`` it is read from the file name (``captions_val2017.json``: val).
+
+    Raises:
+        UsageError: If the file is not JSON, fits none of the layouts (the message names
+            what each one misses), or is COCO's with no split given or in its name.
+        ValueError: If ``default_split`` is not one of :data:`SPLITS`.
+    """
+    if default_split is not None and default_split not in SPLITS:
+        raise ValueError(f"default_split {default_split!r} is not one of {SPLITS}")
     with open(path, encoding="utf-8") as f:
         try:
-            return _entries(json.load(f))
+            raw = json.load(f)
         except RecursionError:
             raise ValueError(f"{path}: JSON nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise UsageError(f"{path}: not a JSON file ({type(e).__name__}: {e})") from None
+    return _entries(raw, str(path), default_split)
 
 
 def read_karpathy(path: str | os.PathLike[str], default_split: str | None = None) -> list[HumanImage]:
@@ -501,19 +678,22 @@ def read_karpathy(path: str | os.PathLike[str], default_split: str | None = None
     image once per caption with ``caption`` a string).
 
     Args:
-        path: The JSON file.
-        default_split: Split of entries without a ``split`` field (BLIP's per-split files).
+        path: The JSON file, in any layout :func:`load_karpathy_entries` reads.
+        default_split: Split of entries without a ``split`` field (BLIP's per-split files,
+            COCO's ``captions_*.json``).
 
     Returns:
         Images in first-appearance order.
 
     Raises:
-        ValueError: On a malformed entry.
+        ValueError: On a malformed entry (:class:`~blip_core.errors.UsageError` when the file
+            is not of a known layout).
     """
     by_image: dict[str, HumanImage] = {}
-    for i, e in enumerate(load_karpathy_entries(path)):
+    for i, e in enumerate(load_karpathy_entries(path, default_split)):
         if not isinstance(e, dict) or not isinstance(e.get("image"), str):
-            raise ValueError(f"{path}: entry {i} has no 'image' path")
+            problem = e.get("problem") if isinstance(e, dict) else None
+            raise ValueError(f"{path}: " + (problem or f"entry {i} has no 'image' path"))
         caps = e.get("caption")
         captions = (caps,) if isinstance(caps, str) else tuple(caps or ())
         if not captions or not all(isinstance(c, str) for c in captions):

@@ -19,6 +19,11 @@ Decisions worth knowing:
   Unicode format characters (right-to-left marks, zero-width joiners) are kept: right-to-left
   and other scripts are valid captions. A lone surrogate (possible through a JSON ``\\ud800``
   escape in an annotation file) cannot be written as UTF-8: ``non_utf8_caption``.
+- Hashes mean what their producer says. img2dataset's ``sha256`` (or ``md5``) is the hash of
+  the bytes it downloaded, before it resized or re-encoded them, so it cannot be checked
+  against the stored image and is kept as it is. Our own ``stored_sha256`` (the hash of the
+  image bytes in the shard, written by :class:`~blip_core.data.formats.ShardWriter`) is
+  checked when present (``checksum_mismatch``) and recomputed for what ingest writes.
 - Images in any mode PIL decodes (CMYK, P, LA, RGBA, I;16, ...) are valid: they are
   converted to RGB (alpha composited on white) and re-encoded as JPEG. RGB JPEGs keep their
   original bytes.
@@ -43,12 +48,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
 from blip_core.data.formats import (
     MAX_MEMBER_BYTES,
     SPLITS,
+    STORED_HASH,
     HumanImage,
     RawSample,
     Rejection,
@@ -57,8 +65,10 @@ from blip_core.data.formats import (
     iter_shard,
     list_shards,
     load_karpathy_entries,
+    output_schema,
     write_karpathy,
 )
+from blip_core.errors import UsageError
 from blip_core.io import atomic_dir, atomic_write_json, safe_member_path, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -71,7 +81,7 @@ REASONS: dict[str, str] = {
     "image_too_large": "declared pixel count above IngestConfig.max_pixels (checked from the "
     "header, before decoding)",
     "image_too_small": "shorter side below IngestConfig.min_side",
-    "checksum_mismatch": "the image bytes do not match the sha256 recorded in the sample's .json",
+    "checksum_mismatch": "the image bytes do not match the stored_sha256 recorded in the sample's .json",
     # captions
     "missing_caption": "no .txt member in the sample / caption is not a string",
     "empty_caption": "caption empty after whitespace normalisation",
@@ -82,7 +92,7 @@ REASONS: dict[str, str] = {
     "bad_json": "the .json member is not a JSON object, is nested too deeply, holds a lone "
     "surrogate, or has a non-string 'url'/'status'",
     "missing_field": "annotation entry lacks 'image', 'caption' or 'split', is not an object, "
-    "or its image_id is not valid Unicode",
+    "or its image_id is not valid Unicode; a COCO annotation whose image_id is not in 'images'",
     "invalid_split": "annotation split not one of train/val/test (restval counts as train)",
     # archive structure
     "unsafe_member_name": "absolute path, '..', key outside [A-Za-z0-9_-/], or an image path "
@@ -119,7 +129,7 @@ class IngestConfig:
     max_caption_chars: int = 1000  # longer captions are caption_too_long (BLIP keeps 30 words)
     max_member_bytes: int = MAX_MEMBER_BYTES  # tar members above this are never read
     jpeg_quality: int = 95  # quality when an image has to be re-encoded
-    verify_sha256: bool = True  # check image bytes against the .json "sha256" when present
+    verify_stored_hash: bool = True  # check image bytes against the .json "stored_sha256" if any
 
 
 DEFAULT_CONFIG = IngestConfig()
@@ -156,6 +166,8 @@ class IngestStats:
     sources: dict[str, dict[str, int]] = field(default_factory=dict)  # per shard / file
     captions_dropped: dict[str, int] = field(default_factory=dict)  # human: bad captions dropped
     splits: dict[str, int] = field(default_factory=dict)  # human: images kept per split
+    producer_status: dict[str, int] = field(default_factory=dict)  # web: producer's parquet rows
+    # per status ("success", "failed_to_download", ...): what img2dataset tried, before ingest
 
     def to_json(self) -> dict[str, Any]:
         """The ``stats.json`` content."""
@@ -165,10 +177,19 @@ class IngestStats:
             "by_reason": dict(sorted(self.by_reason.items())),
             "sources": self.sources,
         }
+        if self.producer_status:
+            out["producer_status"] = self.producer_status
         if self.splits:
             out["splits"] = self.splits
             out["captions_dropped"] = dict(sorted(self.captions_dropped.items()))
         return out
+
+
+def quarantine_ratio(stats: dict[str, Any]) -> float:
+    """Share of a ``stats.json``'s samples that were quarantined (0.0 when it saw none: an empty
+    shard is caught by its own check, not by this ratio)."""
+    total = stats["kept"] + stats["quarantined"]
+    return stats["quarantined"] / total if total else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,11 +357,11 @@ def validate_sample(raw: RawSample, cfg: IngestConfig = DEFAULT_CONFIG) -> Valid
         meta = parse_meta(raw.files["json"]) if "json" in raw.files else {}
         caption = decode_caption(raw.files["txt"], cfg)
         data = raw.files[image_ext]
-        recorded = meta.get("sha256")
-        if cfg.verify_sha256 and isinstance(recorded, str) and data:
+        recorded = meta.get(STORED_HASH)
+        if cfg.verify_stored_hash and isinstance(recorded, str) and data:
             actual = sha256_bytes(data)
             if actual != recorded.lower():
-                raise InvalidSample("checksum_mismatch", f"sha256 {actual} != {recorded}")
+                raise InvalidSample("checksum_mismatch", f"{STORED_HASH} {actual} != {recorded}")
         image, reusable = decode_image(data, cfg)
     except InvalidSample as e:
         return Rejection(raw.key, raw.source(_MEMBER_OF.get(e.reason, image_ext)), e.reason, e.detail)
@@ -400,12 +421,28 @@ class _Quarantine:
         self.stats.by_reason = dict(sorted(self.by_reason.items()))
 
 
+SOURCE_HINT = "give a folder of img2dataset .tar shards, one .tar, or an annotations .json"
+"""What an ingest source is, for error messages."""
+
+
 def _source_shards(src: Path) -> list[Path]:
-    if src.is_file():
-        return [src]
+    """The shards of a web source: the ``.tar`` files of a folder, or one ``.tar``.
+
+    Raises:
+        FileNotFoundError: If ``src`` does not exist.
+        UsageError: If ``src`` is a folder without ``.tar`` files or a file that is not a ``.tar``.
+    """
     if src.is_dir():
-        return list_shards(src)
-    raise FileNotFoundError(src)
+        shards = list_shards(src)
+        if not shards:
+            raise UsageError(f"{src} holds no .tar shards; {SOURCE_HINT}")
+        return shards
+    if src.is_file():
+        if src.suffix.lower() != ".tar":
+            why = " (the parquet beside a shard only lists its samples)" if src.suffix == ".parquet" else ""
+            raise UsageError(f"{src} is not a .tar shard{why}; {SOURCE_HINT}")
+        return [src]
+    raise FileNotFoundError(f"{src} does not exist; {SOURCE_HINT}")
 
 
 def ingest(
@@ -418,8 +455,11 @@ def ingest(
     Output (appears at once, replacing an older ``out``): one shard per input shard with the
     same name (``.tar`` + ``.parquet``, only good samples; shards left empty are not written),
     ``quarantine.jsonl`` (one ``{"key", "source", "reason", "detail"}`` per rejection) and
-    ``stats.json`` (``{"kept", "quarantined", "by_reason", "sources"}``). Memory stays bounded
-    by one sample plus one shard's parquet rows.
+    ``stats.json`` (``{"kept", "quarantined", "by_reason", "sources", "producer_status"}``;
+    the last counts the producer's parquet rows per status, failed downloads included: they
+    were never samples and are not quarantined). A kept sample keeps every field of its
+    ``.json`` and every column of its parquet row with its type; ``stored_sha256`` is added.
+    Memory stays bounded by one sample plus one shard's parquet rows.
 
     Args:
         src: A folder of ``*.tar`` shards, or one tar file.
@@ -435,10 +475,13 @@ def ingest(
     with atomic_dir(out) as tmp:
         quarantine = _Quarantine(tmp / "quarantine.jsonl", stats)
         seen: set[str] = set()
+        producer: Counter[str] = Counter()  # the producer's parquet rows per status
         bar = tqdm(desc=f"ingest {src.name}", unit="sample", disable=None)
         try:
             for shard in shards:
                 counts = {"kept": 0, "quarantined": 0}
+                schema, rows, status = _producer_rows(shard)
+                producer.update(status)
                 with contextlib.ExitStack() as stack:
                     writer: ShardWriter | None = None  # opened at the first good sample
                     for item in iter_valid_shard(shard, cfg, seen):
@@ -448,26 +491,45 @@ def ingest(
                             counts["quarantined"] += 1
                             continue
                         if writer is None:
-                            writer = stack.enter_context(ShardWriter(tmp / f"{shard.stem}.tar"))
-                        writer.write(_output_sample(item))
+                            writer = stack.enter_context(
+                                ShardWriter(tmp / f"{shard.stem}.tar", output_schema(schema)))
+                        writer.write(_output_sample(item), rows.get(item.key))
                         counts["kept"] += 1
                 stats.kept += counts["kept"]
-                stats.sources[shard.name] = counts
+                stats.sources[shard.name] = {**counts, "producer_status": dict(sorted(status.items()))} \
+                    if status else counts
         finally:
             bar.close()
             quarantine.close()
+        stats.producer_status = dict(sorted(producer.items()))
         atomic_write_json(tmp / "stats.json", stats.to_json())
     _log_summary(out, stats)
     return stats
 
 
 def _output_sample(item: ValidSample) -> Sample:
-    meta = {k: v for k, v in item.meta.items() if k not in ("key", "caption", "sha256")}
-    meta["width"], meta["height"] = item.image.size
-    meta.setdefault("url", None)
-    meta.setdefault("status", "success")
-    meta["sha256"] = sha256_bytes(item.jpg)
+    """The sample to write: the producer's .json fields as they are (its ``sha256`` included),
+    the checked caption and image; the writer adds our :data:`STORED_HASH`."""
+    meta = {k: v for k, v in item.meta.items() if k not in ("key", "caption", STORED_HASH)}
+    if "width" not in meta or "height" not in meta:
+        meta["width"], meta["height"] = item.image.size
     return Sample(item.key, item.jpg, item.caption, meta)
+
+
+def _producer_rows(shard: Path) -> tuple[pa.Schema | None, dict[str, dict[str, Any]], Counter[str]]:
+    """The parquet beside a shard: its schema, its rows by key, and its rows per ``status``.
+
+    A missing or unreadable parquet gives ``(None, {}, {})``: the samples' .json fields are
+    written instead.
+    """
+    try:
+        table = pq.read_table(shard.with_suffix(".parquet"))
+    except Exception:  # missing or unreadable: pyarrow raises several types
+        return None, {}, Counter()
+    rows = table.to_pylist()
+    by_key = {r["key"]: r for r in rows if isinstance(r.get("key"), str)}
+    status = Counter(str(r.get("status")) for r in rows)
+    return table.schema, by_key, status
 
 
 def _log_summary(out: Path, stats: IngestStats) -> None:
@@ -508,7 +570,8 @@ def _parse_entries(entries: list[Any], source: str, quarantine: _Quarantine) -> 
             continue
         missing = [f for f in ("image", "caption", "split") if e.get(f) in (None, "")]
         if missing or not isinstance(e["image"], str):
-            quarantine.add(Rejection(key, where, "missing_field", f"missing {missing or 'image'}"))
+            detail = e.get("problem") or f"missing {missing or 'image'}"  # problem: the reader's why
+            quarantine.add(Rejection(key, where, "missing_field", detail))
             continue
         split = "train" if e["split"] == "restval" else e["split"]
         if split not in SPLITS:
@@ -567,6 +630,7 @@ def ingest_human(
     image_root: str | os.PathLike[str] | None,
     out: str | os.PathLike[str],
     cfg: IngestConfig = DEFAULT_CONFIG,
+    default_split: str | None = None,
 ) -> IngestStats:
     """Validates a Karpathy-split annotation file and its images.
 
@@ -578,21 +642,29 @@ def ingest_human(
     the reason of its first bad caption.
 
     Args:
-        ann_json: The annotation file (list layout or Karpathy's ``dataset_coco.json``).
-        image_root: Folder the ``image`` paths are relative to (default: the file's folder).
+        ann_json: The annotation file: list layout, Karpathy's ``dataset_coco.json`` or COCO's
+            ``captions_*.json`` (see :func:`~blip_core.data.formats.load_karpathy_entries`).
+        image_root: Folder the ``image`` paths are relative to (default: the file's folder;
+            for COCO, the split's image folder such as ``train2017/``).
         out: Output folder.
         cfg: Limits.
+        default_split: Split of entries without one (COCO's layout has none; default: the
+            split its file name names).
 
     Returns:
         The counts written to ``stats.json``.
 
     Raises:
         ValueError: If the file itself is not JSON of an accepted layout (not a per-sample
-            problem).
+            problem): a :class:`~blip_core.errors.UsageError` naming what is missing.
+        NotADirectoryError: If the image root is not a folder.
     """
     ann_json, out = Path(ann_json), Path(out)
     root = Path(image_root) if image_root is not None else ann_json.parent
-    entries = load_karpathy_entries(ann_json)
+    entries = load_karpathy_entries(ann_json, default_split)
+    if not root.is_dir():
+        raise NotADirectoryError(f"image root {root} is not a folder; give the folder the image "
+                                 "paths of the annotations are relative to")
     stats = IngestStats()
     dropped: Counter[str] = Counter()
     kept: list[HumanImage] = []

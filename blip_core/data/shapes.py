@@ -39,9 +39,9 @@ from PIL import Image, ImageDraw
 
 from blip_core.data.formats import HumanImage, Sample, shard_key, write_karpathy, write_shards
 from blip_core.data.formats import write_shard_stats as _write_shard_stats
-from blip_core.io import atomic_dir, atomic_write_json, tree_hash
+from blip_core.io import atomic_dir, atomic_write_json, sha256_bytes, tree_hash
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 """Bumped whenever the same config would produce different bytes."""
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -625,6 +625,9 @@ def _write_web(root: Path, truth: Path, cfg: WorldConfig) -> dict[str, Any]:
                 "url": f"https://shapes.invalid/{key}.jpg",
                 "width": cfg.image_size,
                 "height": cfg.image_size,
+                "original_width": cfg.image_size,
+                "original_height": cfg.image_size,
+                "sha256": sha256_bytes(jpg),  # img2dataset's: of the "downloaded" bytes, stored as is
             }
             yield Sample(key, jpg, text, meta)
 
