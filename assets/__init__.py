@@ -1,4 +1,4 @@
-"""Dagster assets and asset checks of the BLIP lineage (DESIGN.md section 1), thin over blip_core."""
+"""Dagster assets and asset checks of the BLIP lineage, thin over blip_core."""
 
 from __future__ import annotations
 

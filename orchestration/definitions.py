@@ -1,4 +1,4 @@
-"""The Dagster definitions: ``defs`` (DESIGN.md section 7), loaded by ``dagster dev`` and the main command.
+"""The Dagster definitions: ``defs``, loaded by ``dagster dev`` and the main command.
 
 Resources are chosen per deployment through the environment:
 

@@ -1,4 +1,4 @@
-"""Bad input (issue 7): a generated adversarial corpus whose answers are known, ingested by the
+"""Bad input: a generated adversarial corpus whose answers are known, ingested by the
 function and by the CLI. Every good sample kept, every bad one quarantined with its reason,
 nothing written outside the output, memory bounded, the data-quality check reporting the ratio;
 the same for human pairs; reading annotations stays confined to the image root."""

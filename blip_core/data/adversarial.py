@@ -1,4 +1,4 @@
-"""A seeded adversarial corpus with its answer key, to test ingest (DESIGN.md section 4).
+"""A seeded adversarial corpus with its answer key: every bad-input case ingest must quarantine.
 
 :func:`generate_adversarial` writes::
 
@@ -10,8 +10,8 @@
     OUT/truth.json                        the answer key (:class:`AdversarialTruth`)
 
 Web shards are written with :class:`~blip_core.data.formats.ShardWriter`: good samples with
-``write``, bad ones member by member with ``add_member``. Besides the cases of DESIGN.md
-section 4 they hold: a shard cut inside a member and one cut inside a header (their parquet
+``write``, bad ones member by member with ``add_member``. Besides the documented bad-input
+cases they hold: a shard cut inside a member and one cut inside a header (their parquet
 stays complete, as after an interrupted copy), a gzip-compressed "tar", crafted headers (a
 PNG declaring 50,000 x 50,000 pixels, a JPEG declaring 65,000 x 65,000: never allocated),
 images of 1 x 1, 2000 x 1 and in CMYK / P / I;16 / LA / RGBA / 1-bit modes, hostile captions,

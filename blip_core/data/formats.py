@@ -1,4 +1,4 @@
-"""Readers and writers for the two on-disk formats of DESIGN.md section 4.
+"""Readers and writers for the two on-disk formats: web shards and human annotations.
 
 - Web pairs: webdataset tar shards exactly as img2dataset writes them: ``{shard:05d}.tar``
   holding ``{key}.jpg``, ``{key}.txt`` and ``{key}.json`` per sample, and a

@@ -1,4 +1,4 @@
-"""Validation and quarantine of incoming data (DESIGN.md section 4).
+"""Validation and quarantine of incoming web shards and human annotations.
 
 Bad input is never fatal and never silent: every sample that cannot be used is skipped,
 counted by reason in ``stats.json`` and listed in ``quarantine.jsonl``. The reasons are the

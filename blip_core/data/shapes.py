@@ -1,4 +1,4 @@
-"""The embedded "shapes world" (DESIGN.md section 5): a seeded generator of image–text data.
+"""The embedded "shapes world": a seeded generator of image–text data.
 
 Images are small RGB pictures of one or two coloured shapes on a dark, lightly textured
 background. A shape has a colour (6), a kind (4), a size (2) and a position: a single shape
