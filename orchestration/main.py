@@ -11,6 +11,10 @@
 4. prints baseline vs bootstrapped metrics, noise ratios, filter precision/recall and where
    the artefacts are.
 
+Meanwhile the console shows a line per step, the trainings' progress, warnings and failures, then
+the time per stage (``orchestration.console``); every Dagster event and the libraries' output go
+to ``DIR/logs/run-<time>.log``.
+
 Assets already made from the same code, config and inputs are reused, so a second run is fast.
 """
 
@@ -21,10 +25,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orchestration  # noqa: F401  (telemetry off first)
 from orchestration.storage import StorageResource
+
+if TYPE_CHECKING:
+    from orchestration.console import LineageConsole
 
 TRAINING_ASSETS = ("pretrained_med", "captioner", "filter", "bootstrapped_med")
 DAGSTER_YAML = """\
@@ -188,21 +195,24 @@ def check_run_config(run_config: Mapping[str, Any] | None, *jobs: Any) -> list[d
     return parts
 
 
-def lineage_definitions(resources: Mapping[str, Any], assets: Sequence[Any] | None = None) -> Any:
-    """``Definitions`` of the lineage's jobs over the given resources (tests pass their own)."""
+def lineage_definitions(resources: Mapping[str, Any], assets: Sequence[Any] | None = None,
+                        loggers: Mapping[str, Any] | None = None) -> Any:
+    """``Definitions`` of the lineage's jobs over the given resources (tests pass their own) and
+    loggers (default: Dagster's console logger)."""
     from dagster import Definitions, in_process_executor
 
     from orchestration import definitions as d
 
     return Definitions(assets=list(assets if assets is not None else d.assets), asset_checks=d.asset_checks,
                        jobs=[d.web_shards_job, d.bootstrap_job], resources=dict(resources),
-                       executor=in_process_executor)
+                       executor=in_process_executor, loggers=dict(loggers) if loggers else None)
 
 
 def materialize_lineage(instance: Any, resources: Mapping[str, Any],
                         run_config: Mapping[str, Any] | None = None,
                         partitions: Sequence[str] | None = None, tags: Mapping[str, str] | None = None,
-                        assets: Sequence[Any] | None = None) -> LineageResult:
+                        assets: Sequence[Any] | None = None,
+                        console: "LineageConsole | None" = None) -> LineageResult:
     """Materializes the given web shard partitions, then everything downstream.
 
     Runs ``web_shards_job`` once per partition, then ``bootstrap_job``, in this process, on
@@ -218,6 +228,8 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
             and were never ingested from their current landed version (new or re-landed).
         tags: Run tags.
         assets: The assets (default: those of ``orchestration.definitions``).
+        console: Log the runs there (lines per step, full log in its file) instead of Dagster's
+            console logger.
 
     Raises:
         ValueError, dagster.DagsterInvalidConfigError: ``run_config`` is wrong (see
@@ -225,7 +237,7 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
     """
     from assets.common import web_shard_partitions
 
-    defs = lineage_definitions(resources, assets)
+    defs = lineage_definitions(resources, assets, console.logger_defs() if console else None)
     if partitions is None:
         from orchestration.landing import ingested_version, ready_shards
 
@@ -236,6 +248,11 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
     result = LineageResult()
     shard_job, main_job = defs.resolve_job_def("web_shards_job"), defs.resolve_job_def("bootstrap_job")
     shard_config, main_config = check_run_config(run_config, shard_job, main_job)
+    if console is not None:  # after the check: a user's run config configures ops only
+        shard_config, main_config = ({**part, **console.run_config} for part in (shard_config, main_config))
+        for pk in partitions:
+            console.plan(shard_job.name, _op_names(shard_job), pk)
+        console.plan(main_job.name, _op_names(main_job))
     for pk in partitions:
         result.shard_runs[pk] = shard_job.execute_in_process(
             run_config=shard_config, instance=instance,
@@ -249,7 +266,8 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
 
 
 def _op_names(job: Any) -> list[str]:
-    return [node.name for node in job.graph.nodes]
+    """The job's ops (its steps: no dynamic outputs here), upstream first."""
+    return [node.name for node in job.graph.nodes_in_topological_order]
 
 
 def preset_run_config(preset: str) -> dict[str, Any]:
@@ -257,8 +275,10 @@ def preset_run_config(preset: str) -> dict[str, Any]:
     return {"ops": {name: {"config": {"preset": preset}} for name in TRAINING_ASSETS}}
 
 
-def summary(storage: StorageResource, result: LineageResult, seconds: float) -> str:
-    """Baseline vs bootstrapped metrics, noise ratios, filter quality, checks and artefacts."""
+def summary(storage: StorageResource, result: LineageResult, seconds: float,
+            log_path: Path | None = None) -> str:
+    """Baseline vs bootstrapped metrics, noise ratios, filter quality, checks, artefacts and,
+    given ``log_path``, where the full log is."""
     from assets.checks import checks_table
     from blip_core.capfilt import describe_threshold
     from orchestration.storage import dataset_key
@@ -302,6 +322,8 @@ def summary(storage: StorageResource, result: LineageResult, seconds: float) -> 
     lines.append(f"- web_shards: {storage.uri(dataset_key(['web_shards']))}/<shard>")
     lines += ["", f"status: {'SUCCESS' if result.success else 'FAILED'} in {seconds:.0f}s",
               f"Dagster instance: {os.environ.get('DAGSTER_HOME')}"]
+    if log_path is not None:
+        lines.append(f"full log: {log_path}")
     return "\n".join(lines)
 
 
@@ -353,8 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.time()
     prepare_home(args.data)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars only fill the log
     from dagster import DagsterInstance, DagsterInvalidConfigError
 
+    from orchestration.console import LineageConsole
     from orchestration.definitions import resources, storage
 
     run_config: dict[str, Any] = {"ops": {}}
@@ -367,18 +391,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, cfg in preset_run_config(args.preset)["ops"].items():
             ops.setdefault(name, {}).setdefault("config", {}).update(cfg["config"])
 
-    print(land_shapes_world(storage).describe(storage), flush=True)
-    with DagsterInstance.get() as instance:
-        new = register_shards(instance, storage)
-        print(f"web shards: {len(new)} new partition(s) {new}", flush=True)
-        partitions = instance.get_dynamic_partitions("web_shards") if args.all_shards else None
-        try:
-            result = materialize_lineage(instance, resources, run_config, partitions=partitions,
-                                         tags={"blip-ops/entry": "orchestration.main"})
-        except (ValueError, DagsterInvalidConfigError) as e:
-            print(f"error: {args.config or 'the run config'}: {e}", file=sys.stderr)
-            return 2
-    print(summary(storage, result, time.time() - start))
+    console = LineageConsole(args.data / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    print(f"full log (every Dagster event, the libraries' output): {console.log_path}", flush=True)
+    try:
+        print(land_shapes_world(storage).describe(storage), flush=True)
+        with DagsterInstance.get() as instance:
+            new = register_shards(instance, storage)
+            print(f"web shards: {len(new)} new partition(s) {new}", flush=True)
+            partitions = instance.get_dynamic_partitions("web_shards") if args.all_shards else None
+            try:
+                with console.capture():
+                    result = materialize_lineage(instance, resources, run_config, partitions=partitions,
+                                                 tags={"blip-ops/entry": "orchestration.main"},
+                                                 console=console)
+            except (ValueError, DagsterInvalidConfigError) as e:
+                print(f"error: {args.config or 'the run config'}: {e}", file=sys.stderr)
+                return 2
+        print(f"\n{console.stage_table()}\n")
+        print(summary(storage, result, time.time() - start, log_path=console.log_path))
+    finally:
+        console.close()
     print(f"\nbrowse it: python -m orchestration.ui --data {args.data}  (http://127.0.0.1:3000)")
     return 0 if result.success else 1
 

@@ -71,6 +71,23 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
+def leaky_human_world(tmp_path: Path, tiny_world: Path) -> Path:
+    """A copy of ``tiny_world`` with a test image copied into train under another name: the
+    blocking ``splits_disjoint`` check of ``human_pairs`` fails."""
+    import json
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    ann = world / "human" / "annotations.json"
+    entries = json.loads(ann.read_text())
+    test_image = next(e for e in entries if e["split"] == "test")
+    shutil.copy(world / "human" / test_image["image"], world / "human" / "images" / "copy.jpg")
+    entries.append({"image": "images/copy.jpg", "caption": ["a copy"], "split": "train", "image_id": "copy"})
+    ann.write_text(json.dumps(entries))
+    return world
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     """Stops a process we started, by its own PID: SIGINT, then SIGTERM, then SIGKILL."""
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import TINY_RUN_CONFIG, TINY_WORLD
+from conftest import TINY_RUN_CONFIG, TINY_WORLD, leaky_human_world
 from dagster import AssetKey, DagsterInstance, DagsterInvalidConfigError, materialize
 
 from assets import ALL_ASSETS, ALL_CHECKS
@@ -261,15 +260,7 @@ def test_failed_shards_are_left_out_with_their_reasons_and_training_goes_on(tmp_
 
 def test_checks_fail_with_their_observed_values(tmp_path, tiny_world):
     """A test image duplicated into train under another name, and captions over a tight bound."""
-    world = tmp_path / "world"
-    shutil.copytree(tiny_world, world)
-    ann = world / "human" / "annotations.json"
-    entries = json.loads(ann.read_text())
-    test_image = next(e for e in entries if e["split"] == "test")
-    shutil.copy(world / "human" / test_image["image"], world / "human" / "images" / "copy.jpg")
-    entries.append({"image": "images/copy.jpg", "caption": ["a copy"], "split": "train", "image_id": "copy"})
-    ann.write_text(json.dumps(entries))
-    storage, resources, instance = _setup(tmp_path / "data", world)
+    storage, resources, instance = _setup(tmp_path / "data", leaky_human_world(tmp_path, tiny_world))
     everything = [*ALL_ASSETS, *ALL_CHECKS]
 
     human = materialize(everything, selection=["human_pairs"], instance=instance, resources=resources,
