@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -163,6 +164,13 @@ class LineageConsole:
         self._planned[(job, partition)] = list(steps)
         self._total += len(steps)
 
+    def _warning_to_log(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                        file: TextIO | None = None, line: str | None = None) -> None:
+        """``warnings.showwarning`` while capturing: the warning goes to the log file."""
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        self.file_handler.handle(logging.LogRecord("py.warnings", logging.WARNING, filename, lineno, text,
+                                                   None, None))
+
     @contextmanager
     def capture(self) -> Iterator[None]:
         """Sends the process's stdout and stderr (file descriptors 1 and 2, and ``sys.stdout`` and
@@ -178,7 +186,8 @@ class LineageConsole:
         root_level = root.level
         root.addHandler(self.file_handler)
         root.setLevel(min(root_level or logging.WARNING, logging.INFO))
-        logging.captureWarnings(True)
+        showwarning = warnings.showwarning
+        warnings.showwarning = self._warning_to_log  # not via logging: a library may disable py.warnings
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -198,7 +207,7 @@ class LineageConsole:
             for n, saved in enumerate(saved_fds, start=1):
                 os.dup2(saved, n)
                 os.close(saved)
-            logging.captureWarnings(False)
+            warnings.showwarning = showwarning
             root.removeHandler(self.file_handler)
             root.setLevel(root_level)
             self._end_open_line()
