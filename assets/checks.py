@@ -40,6 +40,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Partitioned asset checks are a Dagster preview feature; we rely on it knowingly.
 warnings.filterwarnings("ignore", message=".*partitions_def on an AssetCheckSpec.*")
 
+PASSED = "SUCCEEDED"
+"""The execution status (its value: Dagster exports no public enum for it) of a check that passed."""
 WEB_CHECKS = ("decodable_images", "schema", "caption_length", "unique_keys", "quarantine_ratio")
 HUMAN_CHECKS = ("splits_disjoint",)
 CORPUS_CHECKS = ("web_noise_ratio_in_band", "synthetic_noise_ratio_in_band", "no_eval_leak",
@@ -237,8 +239,6 @@ def check_problems(context: Any, asset: str, checks: Sequence[str],
         ``{partition (None when unpartitioned): [problem, ...]}`` for each one with a problem:
         a check that failed, or that did not run on the latest materialization.
     """
-    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-
     keys = [AssetCheckKey.from_user_string(f"{asset}:{name}") for name in checks]
     infos = context.instance.event_log_storage.get_asset_check_partition_info(
         keys, partition_keys=list(partitions) if partitions is not None else None
@@ -250,7 +250,7 @@ def check_problems(context: Any, asset: str, checks: Sequence[str],
             info = status.get((name, pk))
             if info is None or not info.is_current:
                 problem = f"check {name} did not run on the latest materialization"
-            elif info.latest_execution_status != AssetCheckExecutionRecordStatus.SUCCEEDED:
+            elif info.latest_execution_status.value != PASSED:
                 problem = f"check {name} {info.latest_execution_status.value.lower()}"
             else:
                 continue

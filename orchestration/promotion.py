@@ -63,6 +63,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import Field
 
+from assets.checks import PASSED
 from orchestration.mlflow_resource import DAGSTER_RUN_TAG, MlflowResource, TrackedRun, metric_key
 from orchestration.storage import Dataset, StorageResource
 
@@ -370,8 +371,6 @@ def blocking_check_problems(context: AssetExecutionContext, required: Sequence[s
     ``required`` matters when the run's graph is a subset (a job without the upstream assets,
     or ``materialize``), where upstream checks are not part of the graph.
     """
-    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
-
     try:
         graph = context.repository_def.asset_graph
     except Exception:  # executed in process: no repository, use the job's graph
@@ -380,11 +379,10 @@ def blocking_check_problems(context: AssetExecutionContext, required: Sequence[s
     keys = {k for k in graph.asset_check_keys
             if k.asset_key in ancestors and graph.get_check_spec(k).blocking}
     keys |= {AssetCheckKey.from_user_string(name) for name in required}
-    return check_problems(context.instance, sorted(keys, key=lambda k: k.to_user_string()),
-                          AssetCheckExecutionRecordStatus.SUCCEEDED)
+    return check_problems(context.instance, sorted(keys, key=lambda k: k.to_user_string()))
 
 
-def check_problems(instance: Any, keys: Sequence[AssetCheckKey], passed: Any) -> list[str]:
+def check_problems(instance: Any, keys: Sequence[AssetCheckKey]) -> list[str]:
     problems: list[str] = []
     for key in keys:
         partitions = instance.get_materialized_partitions(key.asset_key) or None
@@ -396,7 +394,7 @@ def check_problems(instance: Any, keys: Sequence[AssetCheckKey], passed: Any) ->
             info = by_partition.get(pk)
             if info is None or not info.is_current:
                 problems.append(f"{where} did not run on the latest materialization")
-            elif info.latest_execution_status != passed:
+            elif info.latest_execution_status.value != PASSED:
                 problems.append(f"{where} {info.latest_execution_status.value.lower()}")
     return problems
 
