@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY ?= python3
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 DATA ?= data
-RECIPE ?= default  # default: BootstrapConfig (about 9 minutes on 2 cores); quick, long: orchestration/recipes/*.yaml
+RECIPE ?= default  # default: blip_core/recipe.py (about 9 minutes on 2 cores); quick, long: recipes/*.yaml
 PORT ?= 3000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -30,7 +30,7 @@ setup:  ## install uv, the locked environment, the DVC CLI (its own tool env) an
 
 run: setup  ## the whole lineage on the embedded shapes world
 	$(UV) run --locked python -m orchestration.main --data $(DATA) \
-		$(if $(filter default,$(strip $(RECIPE))),,--config orchestration/recipes/$(strip $(RECIPE)).yaml)
+		$(if $(filter default,$(strip $(RECIPE))),,--recipe recipes/$(strip $(RECIPE)).yaml)
 
 test: setup  ## the whole test suite, end-to-end runs included
 	$(UV) run --locked pytest -q

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from blip_core.env import set_defaults
 
-for _key, _value in (("GX_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                     ("DAGSTER_DISABLE_TELEMETRY", "true"), ("HF_HUB_OFFLINE", "1"),
-                     ("TRANSFORMERS_OFFLINE", "1")):
-    os.environ.setdefault(_key, _value)
+set_defaults()
 
 from assets.capfilt import bootstrapped_corpus, synthetic_captions  # noqa: E402
 from assets.checks import ALL_CHECKS  # noqa: E402

@@ -2,8 +2,9 @@
 
 
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
@@ -27,6 +28,7 @@ from assets.common import (
 )
 from assets.models import RECIPE
 from blip_core.capfilt import CapfiltConfig, describe_threshold
+from blip_core.recipe import Recipe
 from orchestration.dvc_resource import DVC_POOL, DvcResource
 from orchestration.storage import Dataset, StorageResource
 
@@ -44,14 +46,19 @@ class CaptionSettings(Config):
     min_length: int = Field(default=_CAPFILT.min_length, description="generated tokens at least")
     batch_size: int = Field(default=_CAPFILT.batch_size, description="images per forward")
     seed: int = Field(default=RECIPE.seed, description="seeds nucleus sampling")
-    device: str = Field(default=RECIPE.device, description="cpu or cuda")
+    device: str = Field(default=RECIPE.device, description="cpu, cuda or auto (cuda when available)")
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Self:
+        """The settings of ``recipe``."""
+        return cls(**_fields(recipe.capfilt_config(), cls))
 
     def to_capfilt(self) -> CapfiltConfig:
         """The blip_core configuration."""
-        return CapfiltConfig(method=self.method, top_p=self.top_p, num_beams=self.num_beams,  # type: ignore[arg-type]
-                             num_captions=self.num_captions, max_length=self.max_length,
-                             min_length=self.min_length, batch_size=self.batch_size, seed=self.seed,
-                             device=self.device)
+        return replace(RECIPE.capfilt_config(), method=self.method, top_p=self.top_p,  # type: ignore[arg-type]
+                       num_beams=self.num_beams, num_captions=self.num_captions,
+                       max_length=self.max_length, min_length=self.min_length,
+                       batch_size=self.batch_size, seed=self.seed, device=self.device)
 
 
 class CorpusSettings(Config):
@@ -75,16 +82,26 @@ class CorpusSettings(Config):
                     "are still scored and reported (synthetic_kept_wrong_ratio)")
     batch_size: int = Field(default=_CAPFILT.batch_size, description="images per forward")
     shard_size: int = Field(default=_CAPFILT.shard_size, description="samples per corpus shard")
-    device: str = Field(default=RECIPE.device, description="cpu or cuda")
+    device: str = Field(default=RECIPE.device, description="cpu, cuda or auto (cuda when available)")
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Self:
+        """The settings of ``recipe``."""
+        return cls(**_fields(recipe.capfilt_config(), cls))
 
     def to_capfilt(self) -> CapfiltConfig:
         """The blip_core configuration."""
         if self.calibration not in ("web", "human"):
             raise ValueError(f"calibration must be web or human, not {self.calibration!r}")
-        return CapfiltConfig(threshold=self.threshold, calibration=self.calibration,  # type: ignore[arg-type]
-                             calibration_split=self.calibration_split,
-                             use_synthetic=self.use_synthetic, batch_size=self.batch_size,
-                             shard_size=self.shard_size, device=self.device)
+        return replace(RECIPE.capfilt_config(), threshold=self.threshold,  # type: ignore[arg-type]
+                       calibration=self.calibration, calibration_split=self.calibration_split,
+                       use_synthetic=self.use_synthetic, batch_size=self.batch_size,
+                       shard_size=self.shard_size, device=self.device)
+
+
+def _fields(source: Any, settings: type[Config]) -> dict[str, Any]:
+    """The attributes of ``source`` that ``settings`` has fields for."""
+    return {name: getattr(source, name) for name in settings.model_fields}
 
 
 def _web_dirs(stack: ExitStack, storage: StorageResource, web_shards: dict[str, Dataset]) -> list[str]:

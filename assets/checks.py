@@ -34,6 +34,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.common import md_table, web_shard_partitions
+from blip_core.data.ingest import DEFAULT_CONFIG
 from orchestration.storage import Dataset, StorageResource
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -124,7 +125,8 @@ class WebShardCheckConfig(Config):
     """Bounds of the web shard checks."""
 
     min_caption_chars: int = Field(default=1, description="shortest accepted caption")
-    max_caption_chars: int = Field(default=1000, description="longest accepted caption")
+    max_caption_chars: int = Field(default=DEFAULT_CONFIG.max_caption_chars,
+                                   description="longest accepted caption (as ingest)")
     max_quarantine_ratio: float = Field(
         default=0.2, description="a shard with more of its samples quarantined is rejected"
     )

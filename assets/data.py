@@ -23,7 +23,7 @@ from assets.common import (
     stopwatch,
     web_shard_partitions,
 )
-from blip_core.data.ingest import IngestConfig
+from blip_core.data.ingest import DEFAULT_CONFIG, IngestConfig
 from orchestration.dvc_resource import DVC_POOL, DvcResource
 from orchestration.storage import Dataset, StorageResource
 
@@ -31,9 +31,11 @@ from orchestration.storage import Dataset, StorageResource
 class IngestSettings(Config):
     """Per-sample limits of ``blip_core.data.ingest.IngestConfig`` (defaults: the same)."""
 
-    max_caption_chars: int = Field(default=1000, description="longer captions are quarantined")
-    min_side: int = Field(default=8, description="images with a shorter side are quarantined")
-    max_pixels: int = Field(default=40_000_000, description="larger images are quarantined")
+    max_caption_chars: int = Field(default=DEFAULT_CONFIG.max_caption_chars,
+                                   description="longer captions are quarantined")
+    min_side: int = Field(default=DEFAULT_CONFIG.min_side,
+                          description="images with a shorter side are quarantined")
+    max_pixels: int = Field(default=DEFAULT_CONFIG.max_pixels, description="larger images are quarantined")
 
     def to_ingest_config(self) -> IngestConfig:
         return IngestConfig(max_caption_chars=self.max_caption_chars, min_side=self.min_side,

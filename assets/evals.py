@@ -3,7 +3,7 @@
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
@@ -24,8 +24,9 @@ from assets.common import (
     stopwatch,
 )
 from assets.models import RECIPE
-from blip_core.bootstrap import METRIC_KEYS
-from blip_core.io import atomic_write_json, atomic_write_text
+from blip_core.io import atomic_write_json
+from blip_core.recipe import Recipe
+from blip_core.report import REPORT_METRICS, beats
 from orchestration.dvc_resource import DVC_POOL, DvcResource
 from orchestration.mlflow_resource import MlflowResource
 from orchestration.storage import Dataset, StorageResource
@@ -34,10 +35,16 @@ from orchestration.storage import Dataset, StorageResource
 class EvalSettings(Config):
     """How both models are evaluated on the human pairs (defaults: the recipe's)."""
 
-    split: str = Field(default="test", description="human split to evaluate on")
-    k: int = Field(default=RECIPE.eval_k, description="ITM re-ranks the top-k of ITC")
-    caption_method: str = Field(default=RECIPE.eval_method, description="greedy, beam or nucleus")
-    device: str = Field(default=RECIPE.device, description="cpu or cuda")
+    split: str = Field(default=RECIPE.eval.split, description="human split to evaluate on")
+    k: int = Field(default=RECIPE.eval.k, description="ITM re-ranks the top-k of ITC")
+    caption_method: str = Field(default=RECIPE.eval.caption_method, description="greedy, beam or nucleus")
+    device: str = Field(default=RECIPE.device, description="cpu, cuda or auto (cuda when available)")
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> Self:
+        """The settings of ``recipe``."""
+        e = recipe.eval
+        return cls(split=e.split, k=e.k, caption_method=e.caption_method, device=recipe.device)
 
 
 @asset(group_name=GROUP, pool=DVC_POOL, io_manager_key=IO_MANAGER_KEY, code_version=code_version("1"),
@@ -72,7 +79,7 @@ def downstream_evals(context: AssetExecutionContext, config: EvalSettings, stora
         report = read_json(folder / "report.json")
         table = (folder / "comparison.md").read_text(encoding="utf-8")
         plot = png_file_markdown(folder / "comparison.png", "baseline vs bootstrapped")
-    deltas = {k: report["bootstrapped"][k] - report["baseline"][k] for k in METRIC_KEYS}
+    deltas = {k: report["bootstrapped"][k] - report["baseline"][k] for k in REPORT_METRICS}
     metadata: dict[str, Any] = {
         **dataset_metadata(ds, t["seconds"]),
         "comparison": MetadataValue.md(table),
@@ -95,7 +102,8 @@ def evaluate(context: AssetExecutionContext, config: EvalSettings, storage: Stor
              models: dict[str, Dataset], human_pairs: Dataset, bootstrapped_corpus: Dataset,
              out: Path) -> None:
     """Writes ``metrics.json``, ``comparison.md``, ``comparison.png`` and ``report.json`` to ``out``."""
-    from blip_core.evaluate import compare_plot, compare_table, evaluate_checkpoint
+    from blip_core.evaluate import evaluate_checkpoint
+    from blip_core.report import build_report, write_comparison
 
     with ExitStack() as stack:
         human = stack.enter_context(storage.local_dir(human_pairs.key)) / "annotations.json"
@@ -109,23 +117,8 @@ def evaluate(context: AssetExecutionContext, config: EvalSettings, storage: Stor
         corpus = stack.enter_context(storage.local_dir(bootstrapped_corpus.key))
         manifest = read_json(corpus / "manifest.json")
         quality = measure_filter(storage, corpus)
-    compare_plot(results, out / "comparison.png")
-    atomic_write_json(out / "metrics.json", results)
-    atomic_write_text(out / "comparison.md", compare_table(results) + "\n")
-    atomic_write_json(out / "report.json", {
-        **{name: {k: results[name][k] for k in METRIC_KEYS} for name in models},
-        "filter": {**({"precision": quality["precision"], "recall": quality["recall"]}
-                      if quality else {}), "threshold": manifest["threshold"],
-                   "calibration": manifest.get("calibration")},
-        "corpus": manifest["counts"],
-        "noise_ratio": manifest["noise_ratio"],
-        "checkpoints": {name: ds.uri for name, ds in models.items()},
-        "versions": {name: ds.version for name, ds in models.items()},
-        "split": config.split,
-    })
-
-
-def beats(report: dict[str, Any]) -> bool:
-    """DESIGN section 6: the bootstrapped model is better on retrieval R@1 and on CIDEr."""
-    r1 = sum(report["bootstrapped"][k] - report["baseline"][k] for k in ("tr@1", "ir@1"))
-    return r1 > 0 and report["bootstrapped"]["cider"] > report["baseline"]["cider"]
+    write_comparison(results, out, split=config.split, k=config.k)
+    atomic_write_json(out / "report.json", build_report(
+        results, manifest, quality, split=config.split,
+        checkpoints={name: ds.uri for name, ds in models.items()},
+        versions={name: ds.version for name, ds in models.items()}))

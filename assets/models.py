@@ -1,6 +1,6 @@
 """The four trained models: the baseline, the captioner and filter, and the bootstrapped model.
 
-Each asset maps its Dagster config onto ``blip_core.bootstrap.stage_config`` (the same recipe
+Each asset maps its Dagster config onto ``blip_core.recipe.stage_config`` (the same recipe
 ``blip-core bootstrap`` runs, defaults included) and trains through the launcher resource (in
 this process, a Pipes subprocess, or a Kubernetes pod) inside an MLflow run (config, inputs with
 their DVC hashes, per-step losses, the model). It trains in a work folder keyed by code, config
@@ -14,7 +14,7 @@ import shutil
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
@@ -34,14 +34,14 @@ from assets.common import (
     reusable,
     stopwatch,
 )
-from blip_core.bootstrap import BootstrapConfig, Stage
+from blip_core.recipe import Recipe, Stage, stage_config
 from orchestration.dvc_resource import DvcResource
 from orchestration.launcher import TrainingLauncher
 from orchestration.mlflow_resource import MlflowResource
 from orchestration.storage import Dataset, StorageResource
 
-RECIPE = BootstrapConfig()
-"""The default recipe; every config default below comes from it."""
+RECIPE = Recipe()
+"""The default recipe; every config default of the assets comes from it."""
 
 
 class TrainSettings(Config):
@@ -51,23 +51,31 @@ class TrainSettings(Config):
     seed: int = Field(default=RECIPE.seed, description="seeds initialisation, data order, sampling")
     precision: str = Field(
         default=RECIPE.precision,
-        description="fp32; bf16-lm: fp32 but the LM's vocabulary projection in bf16 (fast on CPUs "
-                    "with AVX512-BF16/AMX); bf16: autocast everywhere (GPUs)")
-    device: str = Field(default=RECIPE.device, description="cpu or cuda")
+        description="auto: the fastest the hardware runs natively; fp32; bf16-lm: fp32 but the LM's "
+                    "vocabulary projection in bf16 (fast on CPUs with AVX512-BF16/AMX); bf16: autocast "
+                    "everywhere (GPUs)")
+    device: str = Field(default=RECIPE.device, description="cpu, cuda or auto (cuda when available)")
     max_steps: int = Field(default=RECIPE.pretrain.max_steps, description="optimizer steps")
     batch_size: int = Field(default=RECIPE.pretrain.batch_size, description="pairs per step")
     lr: float = Field(default=RECIPE.pretrain.lr, description="peak learning rate")
     warmup_steps: int = Field(default=RECIPE.pretrain.warmup_steps, description="linear warm-up")
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, task: str) -> Self:
+        """The settings of ``recipe``'s stage ``task`` (pretrain, captioner or filter)."""
+        stage = recipe.stage(task)
+        return cls(preset=recipe.preset, seed=recipe.seed, precision=recipe.precision,
+                   device=recipe.device, max_steps=stage.max_steps, batch_size=stage.batch_size,
+                   lr=stage.lr, warmup_steps=stage.warmup_steps)
 
     def stage(self) -> Stage:
         """This stage's optimisation settings."""
         return Stage(max_steps=self.max_steps, batch_size=self.batch_size, lr=self.lr,
                      warmup_steps=self.warmup_steps)
 
-    def recipe(self) -> BootstrapConfig:
+    def recipe(self) -> Recipe:
         """The recipe with this asset's global settings."""
-        return BootstrapConfig(preset=self.preset, seed=self.seed, precision=self.precision,
-                               device=self.device)
+        return Recipe(preset=self.preset, seed=self.seed, precision=self.precision, device=self.device)
 
 
 class PretrainSettings(TrainSettings):
@@ -109,8 +117,6 @@ def train_stage(context: AssetExecutionContext, tools: Tools, settings: TrainSet
         inputs: Upstream datasets by name.
         init_from: Checkpoint to fine-tune from.
     """
-    from blip_core.bootstrap import stage_config
-
     storage = tools.storage
     asset_name = context.asset_key.path[-1]
     ident = identity(context, settings, {**inputs, "init_from": init_from})

@@ -513,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from blip_core.env import set_defaults
+
+    set_defaults()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from blip_core.env import set_defaults
 from blip_core.errors import UsageError
 
 # name -> (module:function taking argv, one-line help)
@@ -32,12 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _offline_env() -> None:
-    """Nothing is ever fetched from a hub at run time."""
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(key, "1")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``blip-core`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -54,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     parser.parse_args(argv[:1])
-    _offline_env()
+    set_defaults()
     target, _ = COMMANDS[argv[0]]
     module, func = target.split(":")
     try:

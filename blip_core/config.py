@@ -106,6 +106,22 @@ def model_preset(name: str) -> BlipConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {list_presets()}") from None
 
 
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How captions are decoded; the defaults of every captioning entry point."""
+
+    method: Literal["nucleus", "beam", "greedy"] = "nucleus"  # paper: nucleus is more diverse, better
+    top_p: float = 0.9  # nucleus sampling mass
+    num_beams: int = 3  # beam search width
+    max_length: int = 20  # generated tokens at most (prompt excluded, [SEP] included)
+    min_length: int = 5  # generated tokens before [SEP] may end a caption
+    repetition_penalty: float | None = None  # None: 1.1 for nucleus, 1.0 for beam / greedy (as BLIP)
+
+
+DECODING = DecodingConfig()
+"""The default decoding."""
+
+
 Task = Literal["pretrain", "captioner", "filter"]
 
 # Which losses each task trains (paper: captioner = LM, filter = ITC + ITM).
@@ -118,7 +134,12 @@ TASK_LOSSES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run: pre-training, or a captioner / filter fine-tune."""
+    """One training run: pre-training, or a captioner / filter fine-tune.
+
+    The field defaults are the library's (the paper's ViT-B learning rate); the lineage's stages,
+    and ``blip-core pretrain / finetune`` without options, train with the recipe's
+    (``blip_core.recipe.stage_config``).
+    """
 
     task: Task = "pretrain"  # which losses to train, see TASK_LOSSES
     preset: str = "tiny"  # model preset when not initialised from a checkpoint
@@ -135,9 +156,10 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, temperature)
     warmup_steps: int = 50  # linear warm-up from 0 to lr
     alpha_rampup_steps: int | None = None  # ITC alpha ramp; default: the first epoch
-    # fp32; bf16-lm: fp32 but the LM's vocabulary projection (the costliest matmul) in bf16, the
-    # fast choice on CPUs with AVX512-BF16/AMX; bf16: autocast everywhere (GPUs)
-    precision: Literal["fp32", "bf16-lm", "bf16"] = "fp32"
+    # fp32, bf16-lm (the LM's vocabulary projection in bf16), bf16 (autocast everywhere) or auto:
+    # the fastest the hardware runs natively (blip_core.device.resolve_precision)
+    precision: Literal["auto", "fp32", "bf16-lm", "bf16"] = "auto"
+    device: str = "auto"  # cpu, cuda, or auto: cuda when available (a torchrun rank uses its local GPU)
     save_every: int = 200  # optimizer steps between checkpoints (and one at the end)
     log_every: int = 10  # optimizer steps between log lines
     seed: int = 0  # seeds data order, init and sampling
@@ -192,12 +214,12 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
-def load_yaml(cls: type, path: str | Path) -> Any:
-    """Load a config dataclass from a YAML (or JSON) file."""
+def load_yaml(cls: type, path: str | Path, base: Any = None) -> Any:
+    """Load a config dataclass from a YAML (or JSON) file; ``base`` stands in for the defaults."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    return from_dict(cls, data)
+    return from_dict(cls, data, base)
 
 
 def parse_bool(raw: str) -> bool:

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
+from blip_core.config import DECODING
+from blip_core.device import resolve_device
 from blip_core.filtering import tokenize_texts
 from blip_core.generate import (
     decode_captions,
-    default_device,
     generate_token_ids,
     inference,
     model_device,
@@ -43,10 +44,8 @@ from blip_core.model import BlipModel
 RETRIEVAL_KEYS = ("tr@1", "tr@5", "tr@10", "ir@1", "ir@5", "ir@10", "r_mean")
 CAPTION_KEYS = ("bleu4", "cider", "meteor")
 METRIC_KEYS = RETRIEVAL_KEYS + CAPTION_KEYS
-# BLIP's evaluation decoding for COCO captioning.
-DEFAULT_CAPTION_KWARGS: dict[str, Any] = {
-    "method": "beam", "num_beams": 3, "max_length": 20, "min_length": 5,
-}
+# BLIP's evaluation decoding for COCO captioning: beam search, the other settings as DECODING.
+DEFAULT_CAPTION_KWARGS: dict[str, Any] = {"method": "beam"}
 
 
 # --- retrieval -----------------------------------------------------------------------------
@@ -221,12 +220,10 @@ def caption_metrics(
 
 def _split_spec(annotations: str, split: str) -> tuple[str, str]:
     """``x.json:test`` -> (``x.json``, ``test``); a path without a suffix keeps ``split``."""
-    from blip_core.data.formats import SPLITS
+    from blip_core.data.formats import split_source
 
-    head, sep, tail = str(annotations).rpartition(":")
-    if sep and tail in SPLITS and not Path(annotations).exists():
-        return head, tail
-    return str(annotations), split
+    path, named = split_source(str(annotations))
+    return path, named or split
 
 
 def encode_images(
@@ -297,7 +294,7 @@ def evaluate_checkpoint(
     k: int = 256,
     batch_size: int = 64,
     caption_kwargs: dict[str, Any] | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     *,
     captioning: bool = True,
     meteor: bool = False,
@@ -311,7 +308,7 @@ def evaluate_checkpoint(
         annotations: Karpathy JSON (or ``x.json:SPLIT``, which overrides ``split``).
         k: retrieval candidates re-ranked by ITM per query (BLIP: 256 on COCO 5k).
         batch_size: images per encoder batch, pairs per ITM batch, images per decoding batch.
-        caption_kwargs: overrides of :data:`DEFAULT_CAPTION_KWARGS` (beam 3, lengths 20 / 5).
+        caption_kwargs: overrides of :data:`DEFAULT_CAPTION_KWARGS` (beam search).
         captioning: also generate captions and score them.
         meteor: also METEOR (needs Java).
 
@@ -324,7 +321,7 @@ def evaluate_checkpoint(
     from blip_core.data.dataset import ImageCaptionsSplit
 
     path, split = _split_spec(annotations, split)
-    model, tokenizer = load_for_inference(checkpoint, device)
+    model, tokenizer = load_for_inference(checkpoint, resolve_device(device))
     dataset = ImageCaptionsSplit(path, split, image_size=model.cfg.vision.image_size)
     metrics, _ = evaluate_model(model, tokenizer, dataset, k=k, batch_size=batch_size,
                                 caption_kwargs=caption_kwargs, captioning=captioning,
@@ -389,6 +386,8 @@ def compare_plot(results: dict[str, dict[str, float]], path: str | Path) -> Path
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``blip-core eval``."""
+    from blip_core.recipe import Recipe
+
     p = argparse.ArgumentParser(
         prog="blip-core eval",
         description="Retrieval (ITC top-k re-ranked by ITM; TR/IR@1/5/10) and captioning (BLEU-4, "
@@ -400,14 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", action="append", help="display name of each --checkpoint, in order")
     p.add_argument("--data", required=True, help="ANNOTATIONS.json:SPLIT (e.g. human/annotations.json:test)")
     p.add_argument("--out", type=Path, required=True, help="folder for the metrics and comparison")
-    p.add_argument("--k", type=int, default=256, help="candidates re-ranked by ITM (default 256)")
+    d = Recipe().eval
+    p.add_argument("--k", type=int, default=d.k,
+                   help=f"candidates re-ranked by ITM (default {d.k}, the recipe's; BLIP: 256 on COCO 5k)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--caption-method", choices=["beam", "greedy", "nucleus"], default="beam",
-                   help="decoding for the captioning metrics (default beam, 3 beams, as BLIP)")
-    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--caption-method", choices=["beam", "greedy", "nucleus"], default=d.caption_method,
+                   help=f"decoding for the captioning metrics (default {d.caption_method}, the recipe's; "
+                        "BLIP: beam)")
+    p.add_argument("--num-beams", type=int, default=DECODING.num_beams)
     p.add_argument("--no-captioning", action="store_true", help="retrieval only")
     p.add_argument("--meteor", action="store_true", help="also METEOR (needs java; slow to start)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -424,11 +426,11 @@ def _names(checkpoints: Sequence[str], names: Sequence[str] | None) -> list[str]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``blip-core eval``: evaluate checkpoints, write the comparison, print the table."""
-    from blip_core.io import atomic_write_json, atomic_write_text
+    from blip_core.report import write_comparison
 
     args = build_parser().parse_args(argv)
     names = _names(args.checkpoint, args.name)
-    device = str(default_device(args.device))
+    device = str(resolve_device(args.device))
     caption_kwargs = {"method": args.caption_method, "num_beams": args.num_beams}
     results: dict[str, dict[str, float]] = {}
     for name, ckpt in zip(names, args.checkpoint, strict=True):
@@ -438,15 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
         print(f"{name}: {results[name]['seconds']:.1f}s")
-    table = compare_table(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "metrics.json", {
-        "data": args.data, "k": args.k, "caption_kwargs": caption_kwargs,
-        "checkpoints": dict(zip(names, map(str, args.checkpoint), strict=True)),
-        "metrics": results,
-    })
-    atomic_write_text(args.out / "comparison.md", table)
-    compare_plot(results, args.out / "comparison.png")
+    table = write_comparison(results, args.out, data=args.data, k=args.k, caption_kwargs=caption_kwargs,
+                             checkpoints=dict(zip(names, map(str, args.checkpoint), strict=True)))
     print(table)
     print(f"written to {args.out.resolve()}")
     return 0

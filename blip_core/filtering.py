@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from blip_core.generate import default_device, inference, model_device, read_captions_jsonl
+from blip_core.generate import (
+    add_model_run_args,
+    inference,
+    load_model_and_images,
+    model_device,
+    read_captions_jsonl,
+)
 from blip_core.model import BlipModel
 from blip_core.tokenizer import pre_caption
 
@@ -135,24 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="scores .jsonl to write (atomically)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"noisy when the match probability is below it (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_run_args(p, batch_size=64)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``blip-core filter``: score a dataset's texts and write ``--out`` atomically."""
-    from blip_core.checkpoint import load_for_inference
-    from blip_core.data.dataset import ImageOnlyDataset
     from blip_core.io import atomic_write_text
 
     args = build_parser().parse_args(argv)
-    device = default_device(args.device)
-    model, tokenizer = load_for_inference(args.checkpoint, device)
-    dataset = ImageOnlyDataset(args.data, image_size=model.cfg.vision.image_size)
+    model, tokenizer, dataset, _ = load_model_and_images(args)
     extra = read_captions_jsonl(args.texts) if args.texts else {}
     unknown = set(extra) - set(dataset.keys)
     if unknown:

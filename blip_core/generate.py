@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from blip_core.config import DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
+from blip_core.config import DEC_TOKEN_ID, DECODING, PAD_TOKEN_ID, SEP_TOKEN_ID
 from blip_core.med import LayerCache
 from blip_core.model import BlipModel
 
@@ -331,13 +331,13 @@ def generate_token_ids(
     image_embeds: torch.Tensor,
     prompt_ids: torch.Tensor,
     *,
-    method: Method = "nucleus",
+    method: Method = DECODING.method,
     num_captions: int = 1,
-    top_p: float = 0.9,
-    num_beams: int = 3,
-    max_length: int = 20,
-    min_length: int = 5,
-    repetition_penalty: float | None = None,
+    top_p: float = DECODING.top_p,
+    num_beams: int = DECODING.num_beams,
+    max_length: int = DECODING.max_length,
+    min_length: int = DECODING.min_length,
+    repetition_penalty: float | None = DECODING.repetition_penalty,
     length_penalty: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Generation:
@@ -396,16 +396,9 @@ def generate_captions(
     tokenizer: Any,
     images: torch.Tensor,
     *,
-    method: Method = "nucleus",
-    num_captions: int = 1,
-    top_p: float = 0.9,
-    num_beams: int = 3,
-    max_length: int = 20,
-    min_length: int = 5,
-    repetition_penalty: float | None = None,
     prompt: str | None = None,
-    generator: torch.Generator | None = None,
     bf16: bool = False,
+    **gen_kwargs: Any,
 ) -> list[list[str]]:
     """Caption a batch of images; each image is encoded once.
 
@@ -414,7 +407,7 @@ def generate_captions(
         prompt: text after [DEC] that every caption continues; default ``model.cfg.prompt``.
             It is not part of the returned captions.
         bf16: run under bf16 autocast.
-        Others: see :func:`generate_token_ids`.
+        gen_kwargs: passed to :func:`generate_token_ids` (method, num_captions, top_p, ...).
 
     Returns:
         B lists of ``num_captions`` lower-case captions.
@@ -422,11 +415,7 @@ def generate_captions(
     prompt_ids = prompt_token_ids(tokenizer, model.cfg.prompt if prompt is None else prompt)
     with inference(model, bf16):
         image_embeds = model.encode_image(images.to(model_device(model)))
-        generation = generate_token_ids(
-            model, image_embeds, prompt_ids, method=method, num_captions=num_captions,
-            top_p=top_p, num_beams=num_beams, max_length=max_length, min_length=min_length,
-            repetition_penalty=repetition_penalty, generator=generator,
-        )
+        generation = generate_token_ids(model, image_embeds, prompt_ids, **gen_kwargs)
     return decode_captions(tokenizer, generation)
 
 
@@ -503,41 +492,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="captioner checkpoint folder")
     p.add_argument("--data", required=True, help="shard folder / .tar, or ANNOTATIONS.json:SPLIT")
     p.add_argument("--out", type=Path, required=True, help="captions .jsonl to write (atomically)")
-    p.add_argument("--method", choices=METHODS, default="nucleus",
-                   help="nucleus sampling (default, as CapFilt), beam search or greedy")
+    from blip_core.recipe import Recipe
+
+    d, recipe = DECODING, Recipe()
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help=f"nucleus sampling (as CapFilt), beam search or greedy (default {d.method})")
     p.add_argument("--num-captions", type=int, default=1, help="captions per image (default 1)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
-    p.add_argument("--num-beams", type=int, default=3, help="beams (default 3)")
-    p.add_argument("--max-length", type=int, default=20,
-                   help="most tokens after the prompt, [SEP] included (default 20)")
-    p.add_argument("--min-length", type=int, default=5,
-                   help="fewest tokens after the prompt before [SEP] (default 5)")
-    p.add_argument("--repetition-penalty", type=float, default=None,
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus mass (default {d.top_p})")
+    p.add_argument("--num-beams", type=int, default=d.num_beams, help=f"beams (default {d.num_beams})")
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help=f"most tokens after the prompt, [SEP] included (default {d.max_length})")
+    p.add_argument("--min-length", type=int, default=d.min_length,
+                   help=f"fewest tokens after the prompt before [SEP] (default {d.min_length})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                    help="default: 1.1 for nucleus, 1.0 for beam / greedy (as BLIP)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=recipe.seed, help="sampling seed (default %(default)s)")
+    add_model_run_args(p, batch_size=recipe.capfilt.batch_size)
     return p
 
 
-def default_device(requested: str | None) -> torch.device:
-    """``requested``, else cuda when available, else cpu."""
-    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+def add_model_run_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """The options of a command that runs a checkpoint over the images of a dataset."""
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="images per batch (default %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_model_and_images(args: argparse.Namespace) -> tuple[BlipModel, Any, Any, torch.device]:
+    """``args.checkpoint`` on ``args.device`` and the images of ``args.data`` at its resolution."""
+    from blip_core.checkpoint import load_for_inference
+    from blip_core.data.dataset import ImageOnlyDataset
+    from blip_core.device import resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_for_inference(args.checkpoint, device)
+    return model, tokenizer, ImageOnlyDataset(args.data, image_size=model.cfg.vision.image_size), device
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``blip-core caption``: caption a dataset and write ``--out`` atomically."""
-    from blip_core.checkpoint import load_for_inference
-    from blip_core.data.dataset import ImageOnlyDataset
     from blip_core.io import atomic_write_text
 
     args = build_parser().parse_args(argv)
-    device = default_device(args.device)
-    model, tokenizer = load_for_inference(args.checkpoint, device)
-    dataset = ImageOnlyDataset(args.data, image_size=model.cfg.vision.image_size)
+    model, tokenizer, dataset, device = load_model_and_images(args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stats = CaptionStats()
     lines = [

@@ -38,6 +38,7 @@ from blip_core.config import (
     model_preset,
     to_dict,
 )
+from blip_core.device import PRECISIONS, cpu_has_native_bf16, resolve_device, resolve_precision
 from blip_core.model import EMPTY_SLOT, BlipModel, TextBatch
 from blip_core.tokenizer import load_tokenizer, pre_caption
 
@@ -70,11 +71,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed() -> DistInfo:
+def setup_distributed(device: str = "auto") -> DistInfo:
     """Join the ``torchrun`` process group when launched by it; one CPU/GPU process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if resolve_device(device).type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
@@ -254,7 +255,8 @@ def train(cfg: TrainConfig, on_log: LogFn | None = None) -> TrainResult:
 
 def _train(cfg: TrainConfig, on_log: LogFn | None) -> TrainResult:
     start = time.time()
-    info = setup_distributed()
+    info = setup_distributed(cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, info.device))  # type: ignore[arg-type]
     seed = cfg.seed + info.rank
     torch.manual_seed(seed)
     random.seed(seed)
@@ -332,10 +334,10 @@ def _train(cfg: TrainConfig, on_log: LogFn | None) -> TrainResult:
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16")
     lm_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
-    if (info.is_main and cfg.precision == "bf16-lm" and info.device.type == "cpu"
-            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    emulated_bf16 = cfg.precision == "bf16-lm" and info.device.type == "cpu" and not cpu_has_native_bf16()
+    if info.is_main and emulated_bf16:
         print("note: this CPU has no native bf16 (AVX512-BF16 or AMX); precision=bf16-lm is "
-              "slower here than fp32", flush=True)
+              "slower here than fp32 (precision=auto chooses fp32)", flush=True)
     model.train()
     while step < total_steps:
         epoch, micro_done = divmod(step * cfg.grad_accum, micro_per_epoch)
@@ -416,9 +418,11 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--precision", choices=["fp32", "bf16-lm", "bf16"],
-                   help="fp32; bf16-lm: bf16 LM vocabulary projection only (fast on CPUs with "
-                        "AVX512-BF16/AMX); bf16: autocast everywhere (GPUs)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): the fastest the hardware runs natively; fp32; bf16-lm: bf16 "
+                        "LM vocabulary projection only (fast on CPUs with AVX512-BF16/AMX); bf16: "
+                        "autocast everywhere (GPUs)")
+    p.add_argument("--device", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from out/trainer_state")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -427,16 +431,29 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def recipe_train_config(task: str) -> TrainConfig:
+    """What ``blip-core pretrain / finetune`` train with no options: the recipe's stage of ``task``."""
+    from blip_core.recipe import Recipe, stage_config
+
+    recipe = Recipe()
+    return replace(stage_config(recipe, recipe.stage(task), task, (), f"runs/{task}"), resume=False)
+
+
 def config_from_args(args: argparse.Namespace, task: str | None = None) -> TrainConfig:
-    """Defaults < ``--config`` file < flags < ``key=value`` overrides."""
-    cfg = load_yaml(TrainConfig, args.config) if args.config else TrainConfig()
+    """The recipe's stage < ``--config`` file < flags < ``key=value`` overrides."""
+    task = task or getattr(args, "task", None) or "pretrain"
+    cfg = recipe_train_config(task)
+    if args.config:
+        cfg = load_yaml(TrainConfig, args.config, base=cfg)
     flags = {
-        "task": task or getattr(args, "task", None), "data": tuple(args.data) if args.data else None,
+        "task": task, "data": tuple(args.data) if args.data else None,
         "out": args.out, "preset": args.preset, "init_from": args.init_from,
         "max_steps": args.max_steps, "epochs": args.epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "precision": args.precision, "seed": args.seed,
+        "lr": args.lr, "precision": args.precision, "device": args.device, "seed": args.seed,
     }
     cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.epochs is not None and args.max_steps is None:
+        cfg = replace(cfg, max_steps=None)  # --epochs alone: passes over the data, not the recipe's steps
     if args.resume:
         cfg = replace(cfg, resume=True)
     if args.no_progress:

@@ -1,6 +1,6 @@
 """The main command: materialize the whole lineage and print a summary.
 
-``python -m orchestration.main --data DIR [--preset tiny]``
+``python -m orchestration.main --data DIR [--recipe recipes/quick.yaml] [KEY=VALUE ...]``
 
 1. lands the parts of the embedded shapes world ``DIR/landing`` lacks (the web shards unless
    shards are there, the human pairs unless ``human/annotations.json`` is), overwriting nothing;
@@ -31,6 +31,7 @@ import orchestration  # noqa: F401  (telemetry off first)
 from orchestration.storage import StorageResource
 
 if TYPE_CHECKING:
+    from blip_core.recipe import Recipe
     from orchestration.console import LineageConsole
 
 TRAINING_ASSETS = ("pretrained_med", "captioner", "filter", "bootstrapped_med")
@@ -77,7 +78,7 @@ class WorldLanding:
         return "\n".join(lines)
 
 
-def land_shapes_world(storage: StorageResource, seed: int | None = None, **world: Any) -> WorldLanding:
+def land_shapes_world(storage: StorageResource, recipe: "Recipe | None" = None, **world: Any) -> WorldLanding:
     """Lands the parts of the embedded shapes world the landing area lacks, overwriting nothing.
 
     The web part (``web/`` shards, ``truth/web_truth.jsonl``, ``manifest.json``) is landed only
@@ -86,15 +87,15 @@ def land_shapes_world(storage: StorageResource, seed: int | None = None, **world
     written (:meth:`StorageResource.publish_new_files`).
 
     Args:
-        seed: World seed (default: the recipe's).
+        recipe: whose world (and seed) to generate (default: the recipe).
         world: ``WorldConfig`` overrides (tests use a tiny world).
     """
     import shutil
     import tempfile
 
     from assets.common import LANDING_HUMAN, LANDING_WEB
-    from assets.models import RECIPE
     from blip_core.data.shapes import generate_world
+    from blip_core.recipe import Recipe
 
     result = WorldLanding()
     unwanted: list[str] = []
@@ -106,7 +107,7 @@ def land_shapes_world(storage: StorageResource, seed: int | None = None, **world
         unwanted += ["human", "truth/human_scenes.jsonl"]
     if len(result.skipped) == 2:
         return result
-    cfg = replace(RECIPE.world, seed=RECIPE.seed if seed is None else seed, **world)
+    cfg = replace((recipe or Recipe()).world_config(), **world)
     with tempfile.TemporaryDirectory(dir=storage.scratch_dir("tmp")) as tmp:
         out = Path(tmp) / "world"
         generate_world(out, cfg)
@@ -270,39 +271,20 @@ def _op_names(job: Any) -> list[str]:
     return [node.name for node in job.graph.nodes_in_topological_order]
 
 
-def preset_run_config(preset: str) -> dict[str, Any]:
-    """Run config selecting a model preset for every training asset."""
-    return {"ops": {name: {"config": {"preset": preset}} for name in TRAINING_ASSETS}}
-
-
 def summary(storage: StorageResource, result: LineageResult, seconds: float,
             log_path: Path | None = None) -> str:
     """Baseline vs bootstrapped metrics, noise ratios, filter quality, checks, artefacts and,
     given ``log_path``, where the full log is."""
     from assets.checks import checks_table
-    from blip_core.capfilt import describe_threshold
+    from blip_core.report import capfilt_lines, report_table
     from orchestration.storage import dataset_key
 
     lines: list[str] = []
     failed = [e for e in result.check_evaluations() if not e.passed]
     if storage.exists(dataset_key(["downstream_evals"])) and result.success:
         report = storage.read_json(f"{dataset_key(['downstream_evals'])}/report.json")
-        lines += ["## baseline vs bootstrapped (human test split)", "",
-                  "| metric | baseline | bootstrapped | delta |", "|---|---:|---:|---:|"]
-        for k in report["baseline"]:
-            a, b = report["baseline"][k], report["bootstrapped"][k]
-            lines.append(f"| {k} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
-        noise, counts, filt = report["noise_ratio"], report["corpus"], report["filter"]
-        lines += ["", "## CapFilt",
-                  f"noise ratio (share removed by the filter): web {noise['web']:.3f}, "
-                  f"synthetic {noise['synthetic']:.3f}  (threshold {filt['threshold']:.4f}: "
-                  f"{describe_threshold(filt.get('calibration'))})",
-                  f"corpus: human {counts['human']}, web kept {counts['web_kept']} / removed "
-                  f"{counts['web_removed']}, synthetic kept {counts['synthetic_kept']} / removed "
-                  f"{counts['synthetic_removed']}"]
-        if "precision" in filt:
-            lines.append(f"filter vs the world's truth: precision {filt['precision']:.3f}, "
-                         f"recall {filt['recall']:.3f}")
+        lines += [f"## baseline vs bootstrapped (human {report.get('split', 'test')} split)", "",
+                  report_table(report), "## CapFilt", *capfilt_lines(report)]
     excluded = _excluded_shards(result) or {pk: "its ingestion run failed" for pk in result.failed_shards}
     if excluded:
         lines += ["", f"## web shards left out of training ({len(excluded)})"]
@@ -359,21 +341,52 @@ def _registry_line(result: LineageResult) -> str:
     return ""
 
 
+def lineage_run_config(recipe: "Recipe", config: Path | None = None) -> dict[str, Any]:
+    """The run config of ``recipe``'s assets, with a Dagster run config YAML ``config`` over it."""
+    import yaml
+
+    from assets.recipe import recipe_run_config
+
+    run_config = recipe_run_config(recipe)
+    extra = (yaml.safe_load(config.read_text()) or {}) if config else {}
+    if not isinstance(extra, dict) or not isinstance(extra.get("ops", {}), dict):
+        raise ValueError("a lineage run config is {ops: {asset_or_check_op: {config: {...}}}}")
+    for name, part in extra.get("ops", {}).items():
+        op = run_config["ops"].setdefault(name, {})
+        op["config"] = {**op.get("config", {}), **((part or {}).get("config") or {})}
+    return {**extra, "ops": run_config["ops"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m orchestration.main --data DIR [--preset tiny] [--config RUN_CONFIG.yaml]``."""
+    """``python -m orchestration.main --data DIR [--recipe YAML] [--preset P] [KEY=VALUE ...]``."""
     p = argparse.ArgumentParser(
         prog="python -m orchestration.main",
         description="Materialize the whole BLIP lineage (embedded shapes world by default) on the "
                     "Dagster instance in DATA/dagster_home and print a summary.",
     )
     p.add_argument("--data", type=Path, default=Path("data"), help="data folder (default: data)")
+    p.add_argument("--recipe", type=Path,
+                   help="recipe YAML naming the fields it changes (recipes/quick.yaml; default: the "
+                        "default recipe, blip_core/recipe.py)")
     p.add_argument("--preset", help="model preset of every training asset (default: the recipe's)")
-    p.add_argument("--config", type=Path, help="Dagster run config YAML ({ops: {asset: {config}}})")
+    p.add_argument("--seed", type=int, help="seeds the world, training and sampling (default: the recipe's)")
+    p.add_argument("--config", type=Path,
+                   help="Dagster run config YAML ({ops: {asset: {config}}}), applied over the recipe")
     p.add_argument("--all-shards", action="store_true",
                    help="re-materialize every shard, not only new ones")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe fields, e.g. pretrain.max_steps=300 capfilt.threshold=0.6")
     args = p.parse_args(argv)
 
     start = time.time()
+    from blip_core.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, preset=args.preset, seed=args.seed)
+        run_config = lineage_run_config(recipe, args.config)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"error: {args.recipe or args.config or 'recipe'}: {e}", file=sys.stderr)
+        return 2
     prepare_home(args.data)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars only fill the log
     from dagster import DagsterInstance, DagsterInvalidConfigError
@@ -381,20 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestration.console import LineageConsole
     from orchestration.definitions import resources, storage
 
-    run_config: dict[str, Any] = {"ops": {}}
-    if args.config:
-        import yaml
-
-        run_config = yaml.safe_load(args.config.read_text()) or {"ops": {}}
-    if args.preset:
-        ops = run_config.setdefault("ops", {})
-        for name, cfg in preset_run_config(args.preset)["ops"].items():
-            ops.setdefault(name, {}).setdefault("config", {}).update(cfg["config"])
-
     console = LineageConsole(args.data / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
     print(f"full log (every Dagster event, the libraries' output): {console.log_path}", flush=True)
     try:
-        print(land_shapes_world(storage).describe(storage), flush=True)
+        print(land_shapes_world(storage, recipe).describe(storage), flush=True)
         with DagsterInstance.get() as instance:
             new = register_shards(instance, storage)
             print(f"web shards: {len(new)} new partition(s) {new}", flush=True)

@@ -8,17 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from conftest import TINY_RUN_CONFIG, TINY_WORLD, leaky_human_world
 from dagster import AssetKey, DagsterInstance, DagsterInvalidConfigError, materialize
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import CORPUS_CHECKS, HUMAN_CHECKS, WEB_CHECKS, ShardPolicy
+from blip_core.recipe import load_recipe
 from orchestration.definitions import build_resources
 from orchestration.launcher import LocalLauncher
 from orchestration.main import (
     check_run_config,
     lineage_definitions,
+    lineage_run_config,
     materialize_lineage,
     register_shards,
     split_run_config,
@@ -129,7 +130,9 @@ def test_lineage_materializes_every_asset_with_metadata(lineage):
     assert set(evals["baseline"].value) >= {"tr@1", "tr@5", "ir@1", "ir@5", "bleu4", "cider"}
     assert "data:image/png;base64," in evals["comparison_plot"].value
     report = lineage["storage"].read_json(f"{dataset_key(['downstream_evals'])}/report.json")
-    assert report["corpus"] == counts and report["versions"]["baseline"] == \
+    assert report["corpus"] == {k: counts[k] for k in ("human", "web_kept", "web_removed", "synthetic_kept",
+                                                       "synthetic_removed")} | {"use_synthetic": False}
+    assert report["versions"]["baseline"] == \
         lineage["storage"].version(dataset_key(["pretrained_med"]))
     registered = mats["registered_model"].metadata  # promotion ran on top of the lineage
     assert registered["model_name"].value == "blip-med" and registered["version"].value == 1
@@ -282,10 +285,10 @@ def test_run_configs_are_checked_before_anything_runs(tmp_path, tiny_world):
     _, resources, instance = _setup(tmp_path / "data", tiny_world)
     defs = lineage_definitions(resources)
     jobs = [defs.resolve_job_def("web_shards_job"), defs.resolve_job_def("bootstrap_job")]
-    recipes = sorted((Path(__file__).parents[1] / "orchestration" / "recipes").glob("*.yaml"))
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
     assert recipes
-    for recipe in recipes:  # every shipped recipe names real ops and fields
-        config = yaml.safe_load(recipe.read_text())
+    for recipe in recipes:  # every shipped recipe, as the main command runs it, is a valid run config
+        config = lineage_run_config(load_recipe(recipe))
         shard_part, main_part = check_run_config(config, *jobs)
         assert set(shard_part["ops"]) | set(main_part["ops"]) == set(config["ops"]), recipe.name
     with pytest.raises(ValueError, match=r"unknown ops \['pretrained_mde'\]"):  # a typo was ignored

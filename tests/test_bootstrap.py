@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_core.bootstrap import Stage, main
+from blip_core.bootstrap import main
 from blip_core.checkpoint import is_checkpoint
 from blip_core.data.formats import list_shards
 from blip_core.data.ingest import iter_valid
@@ -25,7 +25,7 @@ OVERRIDES = [
     "pretrain.max_steps=4", "pretrain.batch_size=16", "pretrain.warmup_steps=1",
     "captioner.max_steps=2", "captioner.batch_size=16", "captioner.warmup_steps=1",
     "filter.max_steps=2", "filter.batch_size=16", "filter.warmup_steps=1",
-    "capfilt.num_captions=2", "capfilt.batch_size=32", "capfilt.use_synthetic=true", "eval_k=4",
+    "capfilt.num_captions=2", "capfilt.batch_size=32", "capfilt.use_synthetic=true", "eval.k=4",
     "capfilt.calibration=human",
 ]  # use_synthetic=true: the paper's C + F, every path of the corpus (the CPU recipe leaves it off);
 # calibration=human: the 4-step filter's web scores may or may not show two modes (the web
@@ -50,9 +50,9 @@ def test_report_has_the_documented_keys(run):
     assert set(report["baseline"]) == metrics and set(report["bootstrapped"]) == metrics
     assert set(report["filter"]) == {"precision", "recall", "threshold", "calibration"}
     assert {"web_kept", "web_removed", "synthetic_kept", "synthetic_removed"} <= set(report["corpus"])
-    assert set(report["checkpoints"]) == {"pretrained", "captioner", "filter", "bootstrapped"}
-    for path in report["checkpoints"].values():
-        assert is_checkpoint(path)
+    assert set(report["checkpoints"]) == {"pretrained", "captioner", "filter", "corpus", "bootstrapped"}
+    for name, path in report["checkpoints"].items():
+        assert name == "corpus" or is_checkpoint(path)
     for value in [*report["baseline"].values(), *report["bootstrapped"].values()]:
         assert 0.0 <= value <= 1000.0
     assert 0.0 <= report["filter"]["precision"] <= 1.0 and 0.0 <= report["filter"]["recall"] <= 1.0
@@ -121,15 +121,19 @@ def test_corpus_without_synthetic_captions_scores_them_but_keeps_only_web_and_hu
     assert (tmp_path / "corpus" / "scores.jsonl").read_text() == (out / "corpus" / "scores.jsonl").read_text()
 
 
-def test_filter_quality_matches_the_stored_truth(run):
-    out, report, _ = run
+def _removed_web_truth(out: Path, corpus: str) -> tuple[list[bool], int]:
+    """Whether each web text the filter removed from ``corpus`` is noisy; the noisy total."""
     truth = {}
     for line in (out / "world" / "truth" / "web_truth.jsonl").read_text().splitlines():
         row = json.loads(line)
         truth[row["key"]] = row["noisy"]
-    scores = [json.loads(line) for line in (out / "corpus" / "scores.jsonl").read_text().splitlines()]
-    removed = [truth[s["key"]] for s in scores if s["source"] == "web" and not s["kept"]]
-    noisy_total = sum(truth.values())
+    scores = [json.loads(line) for line in (out / corpus / "scores.jsonl").read_text().splitlines()]
+    return [truth[s["key"]] for s in scores if s["source"] == "web" and not s["kept"]], sum(truth.values())
+
+
+def test_filter_quality_matches_the_stored_truth(run):
+    out, report, _ = run
+    removed, noisy_total = _removed_web_truth(out, "corpus")
     assert noisy_total == round(0.4 * N_WEB)
     if removed:
         assert report["filter"]["precision"] == pytest.approx(sum(removed) / len(removed))
@@ -153,13 +157,38 @@ def test_a_second_run_skips_every_completed_stage(run):
 def test_a_partial_yaml_recipe_keeps_the_other_recipe_defaults(tmp_path):
     """``pretrain: {max_steps: 100}`` changes the steps only: lr stays the recipe's 1e-3 (not
     ``Stage``'s class default), and the capfilt section keeps the recipe's use_synthetic."""
-    from blip_core.bootstrap import BootstrapConfig
     from blip_core.config import load_yaml
+    from blip_core.recipe import Recipe, Stage
 
-    recipe = BootstrapConfig()
+    recipe = Recipe()
     assert recipe.pretrain.lr != Stage.__dataclass_fields__["lr"].default  # the case that matters
     (tmp_path / "r.yaml").write_text("pretrain: {max_steps: 100}\ncapfilt: {threshold: 0.4}\n")
-    cfg = load_yaml(BootstrapConfig, tmp_path / "r.yaml")
+    cfg = load_yaml(Recipe, tmp_path / "r.yaml")
     assert cfg.pretrain == replace(recipe.pretrain, max_steps=100)
     assert cfg.capfilt == replace(recipe.capfilt, threshold=0.4)
     assert cfg.filter == recipe.filter and cfg.world == recipe.world
+
+
+def test_a_second_round_is_what_the_report_scores(run, tmp_path):
+    """rounds=2 continues from the first round's folders and reports the second round's corpus,
+    filter quality and models."""
+    import contextlib
+    import io
+    import shutil
+
+    out = tmp_path / "two-rounds"
+    shutil.copytree(run[0], out)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--out", str(out), "--no-progress", *OVERRIDES, "rounds=2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rounds"] == 2
+    assert {k: Path(v).name for k, v in report["checkpoints"].items()} == {
+        "pretrained": "pretrained", "captioner": "captioner_r2", "filter": "filter_r2",
+        "corpus": "corpus_r2", "bootstrapped": "bootstrapped_r2"}
+    manifest = json.loads((out / "corpus_r2" / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert {k: report["corpus"][k] for k in ("web_kept", "web_removed")} == \
+        {k: counts[k] for k in ("web_kept", "web_removed")}
+    removed, noisy_total = _removed_web_truth(out, "corpus_r2")
+    assert report["filter"]["recall"] == pytest.approx(sum(removed) / noisy_total)
+    assert report["filter"]["threshold"] == manifest["threshold"]

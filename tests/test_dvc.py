@@ -170,25 +170,6 @@ def test_dvc_stages_are_the_dagster_assets_with_the_same_lineage():
         assert ups - sources == dagster[stage], f"{stage}: dvc reads {ups}, dagster {dagster[stage]}"
 
 
-@needs_dvc
-def test_params_are_the_default_recipe_of_the_assets():
-    """params.yaml holds the numbers the Dagster assets default to (BootstrapConfig)."""
-    from blip_core.bootstrap import BootstrapConfig
-
-    params, recipe = yaml.safe_load((ROOT / "params.yaml").read_text()), BootstrapConfig()
-    for stage in ("pretrain", "captioner", "filter"):
-        s = getattr(recipe, stage)
-        assert params[stage] == {"max_steps": s.max_steps, "batch_size": s.batch_size, "lr": s.lr,
-                                 "warmup_steps": s.warmup_steps}, stage
-    assert params["model"] == {"preset": recipe.preset, "seed": recipe.seed, "precision": recipe.precision}
-    assert recipe.capfilt.threshold is None and params["capfilt"]["threshold"] == "auto"
-    assert params["capfilt"]["calibration"] == recipe.capfilt.calibration
-    assert (params["capfilt"]["method"], params["capfilt"]["num_captions"],
-            params["capfilt"]["use_synthetic"]) == (
-        recipe.capfilt.method, recipe.capfilt.num_captions, recipe.capfilt.use_synthetic)
-    assert (params["eval"]["k"], params["eval"]["caption_method"]) == (recipe.eval_k, recipe.eval_method)
-
-
 def test_real_dvc_accepts_the_pipeline(tmp_path: Path):
     for name in ("dvc.yaml", "params.yaml"):
         (tmp_path / name).write_text((ROOT / name).read_text())

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from blip_core.data.formats import SPLITS, Rejection, list_shards, read_karpathy
+from blip_core.data.formats import Rejection, list_shards, read_karpathy, split_source
 from blip_core.data.ingest import (
     DEFAULT_CONFIG,
     IngestConfig,
@@ -93,11 +93,8 @@ def parse_source(source: str | os.PathLike[str]) -> tuple[Path, str | None]:
         ValueError: If a JSON source lacks its ``:split`` suffix.
     """
     text = str(source)
-    path, split = Path(text), None
-    if not path.exists():
-        head, sep, tail = text.rpartition(":")
-        if sep and tail in SPLITS:
-            path, split = Path(head), tail
+    head, split = split_source(text)
+    path = Path(head)
     if not path.exists():
         raise FileNotFoundError(f"data source {text!r} not found")
     if split is not None and path.is_dir():
@@ -180,7 +177,22 @@ def _as_list(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
 # Datasets
 
 
-class ImageTextDataset(Dataset):
+class _DecodedImages(Dataset):
+    """The decoded images of some sources, and the transform that turns one into a tensor."""
+
+    def _load(self, sources: Sequence[str | os.PathLike[str]], transform: Transform | None,
+              image_size: int, train: bool, cfg: IngestConfig) -> list[_Image]:
+        """Decodes the valid images of ``sources`` (skipped ones counted in ``skipped``)."""
+        images, self.skipped = load_images(list(sources), cfg)
+        self.transform = transform or image_transform(image_size, train)
+        self.images = [im.pixels for im in images]  # [H, W, 3] uint8 each
+        return images
+
+    def _tensor(self, image_index: int) -> torch.Tensor:
+        return self.transform(Image.fromarray(self.images[image_index]))
+
+
+class ImageTextDataset(_DecodedImages):
     """One item per (image, caption) pair of the given sources, for training.
 
     Items are ``(image, caption, image_index)``: ``image`` a tensor ``[3, H, W]``, ``caption``
@@ -203,9 +215,7 @@ class ImageTextDataset(Dataset):
         train: bool = False,
         cfg: IngestConfig = DEFAULT_CONFIG,
     ) -> None:
-        images, self.skipped = load_images(_as_list(sources), cfg)
-        self.transform = transform or image_transform(image_size, train)
-        self.images = [im.pixels for im in images]  # [H, W, 3] uint8 each
+        images = self._load(_as_list(sources), transform, image_size, train, cfg)
         self.image_ids = [im.id for im in images]
         self.captions = [c for im in images for c in im.captions]
         self.pair_image = [i for i, im in enumerate(images) for _ in im.captions]
@@ -215,11 +225,10 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
         image_index = self.pair_image[index]
-        image = self.transform(Image.fromarray(self.images[image_index]))
-        return image, self.captions[index], image_index
+        return self._tensor(image_index), self.captions[index], image_index
 
 
-class ImageCaptionsSplit(Dataset):
+class ImageCaptionsSplit(_DecodedImages):
     """The images of one split with all their captions, for retrieval and captioning eval.
 
     Mirrors BLIP's ``coco_karpathy_retrieval_eval``: ``texts`` flattens every caption,
@@ -246,9 +255,7 @@ class ImageCaptionsSplit(Dataset):
         path, self.split = parse_source(spec)
         if self.split is None:
             raise ValueError(f"{spec!r} is not a Karpathy JSON split")
-        images, self.skipped = load_images([spec], cfg)
-        self.transform = transform or image_transform(image_size, train=False)
-        self.images = [im.pixels for im in images]  # [H, W, 3] uint8 each
+        images = self._load([spec], transform, image_size, False, cfg)
         self.image_ids = [im.id for im in images]
         self.texts: list[str] = []
         self.txt2img: list[int] = []
@@ -262,14 +269,14 @@ class ImageCaptionsSplit(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[index])), index
+        return self._tensor(index), index
 
     def references(self) -> dict[str, list[str]]:
         """image_id -> its captions (the references of captioning metrics)."""
         return {self.image_ids[i]: [self.texts[t] for t in texts] for i, texts in enumerate(self.img2txt)}
 
 
-class ImageOnlyDataset(Dataset):
+class ImageOnlyDataset(_DecodedImages):
     """The images of web shards (or of a JSON split), for caption generation and filtering.
 
     Items are ``(image [3, H, W], key)`` where ``key`` is the web key (or image_id); the
@@ -289,9 +296,7 @@ class ImageOnlyDataset(Dataset):
         image_size: int = 64,
         cfg: IngestConfig = DEFAULT_CONFIG,
     ) -> None:
-        images, self.skipped = load_images(_as_list(sources), cfg)
-        self.transform = transform or image_transform(image_size, train=False)
-        self.images = [im.pixels for im in images]  # [H, W, 3] uint8 each
+        images = self._load(_as_list(sources), transform, image_size, False, cfg)
         self.keys = [im.id for im in images]
         self.captions = [im.captions for im in images]
 
@@ -299,4 +304,4 @@ class ImageOnlyDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.transform(Image.fromarray(self.images[index])), self.keys[index]
+        return self._tensor(index), self.keys[index]

@@ -39,6 +39,18 @@ MAX_MEMBER_BYTES = 64 << 20
 
 SPLITS = ("train", "val", "test")
 
+
+def split_source(source: str) -> tuple[str, str | None]:
+    """``annotations.json:train`` -> (``annotations.json``, ``train``); (source, None) otherwise.
+
+    A source names a split with a ``:SPLIT`` suffix (one of :data:`SPLITS`); a local path that
+    exists as written is never split (a file may have a colon in its name).
+    """
+    head, sep, tail = source.rpartition(":")
+    if sep and tail in SPLITS and (head.startswith("s3://") or not Path(source).exists()):
+        return head, tail
+    return source, None
+
 PARQUET_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
