@@ -89,36 +89,31 @@ def caption_web(
     Returns:
         The manifest: images, captions, captioners, seconds, generated tokens per second.
     """
-    from blip_core.generate import generate_captions
+    from blip_core.generate import CaptionStats, caption_dataset
 
     start = time.time()
     device = resolve_device(cfg.device)
     by_key: dict[str, list[str]] = {}
-    tokens = 0
+    stats = CaptionStats()
     dataset = ImageOnlyDataset(list(web))  # decoded once; each model sets its own transform
     for ckpt in captioners:
         model, tokenizer = load_for_inference(ckpt, device)
         dataset.transform = image_transform(model.cfg.vision.image_size)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        with _progress(len(dataset), f"caption ({Path(ckpt).name})", progress) as bar:
-            for images, idx in _batches(dataset, cfg.batch_size):
-                captions = generate_captions(
-                    model, tokenizer, images.to(device), method=cfg.method,
-                    num_captions=cfg.num_captions, top_p=cfg.top_p, num_beams=cfg.num_beams,
-                    max_length=cfg.max_length, min_length=cfg.min_length, generator=generator,
-                )
-                for i, caps in zip(idx, captions, strict=True):
-                    by_key.setdefault(dataset.keys[i], []).extend(caps)
-                    tokens += sum(len(tokenizer(c).input_ids) - 1 for c in caps)
-                bar.update(len(idx))
-    seconds = time.time() - start
+        for key, caps in caption_dataset(
+            model, tokenizer, dataset, cfg.batch_size, progress=progress, stats=stats,
+            desc=f"caption ({Path(ckpt).name})", method=cfg.method, num_captions=cfg.num_captions,
+            top_p=cfg.top_p, num_beams=cfg.num_beams, max_length=cfg.max_length,
+            min_length=cfg.min_length, generator=generator,
+        ):
+            by_key.setdefault(key, []).extend(caps)
     manifest = {
         "images": len(by_key),
         "captions": sum(map(len, by_key.values())),
         "captioners": [str(c) for c in captioners],
         "config": _cfg_dict(cfg),
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "seconds": round(time.time() - start, 2),
+        "tokens_per_second": round(stats.tokens_per_second, 1),  # of the generation alone
     }
     with atomic_dir(out) as tmp:
         lines = (json.dumps({"key": k, "captions": v}) for k, v in by_key.items())
@@ -129,15 +124,10 @@ def caption_web(
 
 def read_synthetic(path: str | Path) -> dict[str, list[str]]:
     """Synthetic captions by web key, from a ``caption_web`` folder (or its jsonl file)."""
+    from blip_core.generate import read_captions_jsonl
+
     path = Path(path)
-    if path.is_dir():
-        path = path / SYNTHETIC_FILE
-    out: dict[str, list[str]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out[row["key"]] = list(row["captions"])
-    return out
+    return read_captions_jsonl(path / SYNTHETIC_FILE if path.is_dir() else path)
 
 
 def score_texts(

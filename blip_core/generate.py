@@ -430,6 +430,7 @@ def caption_dataset(
     stats: CaptionStats | None = None,
     bf16: bool = False,
     prompt: str | None = None,
+    desc: str = "caption",
     **gen_kwargs: Any,
 ) -> Iterator[tuple[str, list[str]]]:
     """Caption every image of a dataset of ``(image (3, H, W), key)`` items, in order.
@@ -437,6 +438,7 @@ def caption_dataset(
     Args:
         dataset: e.g. ``blip_core.data.dataset.ImageOnlyDataset``.
         stats: updated with counts and generation time as batches complete.
+        desc: the progress bar's label.
         gen_kwargs: passed to :func:`generate_token_ids` (method, num_captions, ...).
 
     Yields:
@@ -449,7 +451,7 @@ def caption_dataset(
     total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
     prompt_ids = prompt_token_ids(tokenizer, model.cfg.prompt if prompt is None else prompt)
     device = model_device(model)
-    with tqdm(total=total, desc="caption", unit="img", disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for images, keys in loader:
             start = time.perf_counter()
             with inference(model, bf16):

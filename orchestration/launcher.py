@@ -62,11 +62,14 @@ class LaunchResult:
 def train_argv(cfg: TrainConfig) -> list[str]:
     """``cfg`` as arguments of ``blip-core pretrain``/``finetune`` (``--task`` first).
 
-    Data, output and checkpoint are flags; every other field that differs from its default is a
-    ``key=value`` override, so the command is short and reproduces ``cfg`` exactly.
+    Data, output and checkpoint are flags; every other field that differs from what the command
+    starts from (the recipe's stage, :func:`blip_core.train.recipe_train_config`) is a ``key=value``
+    override, so the command is short and reproduces ``cfg`` exactly.
     """
+    from blip_core.train import recipe_train_config
+
     argv = ["--task", cfg.task, "--out", cfg.out, "--no-progress"]
-    defaults = TrainConfig()
+    defaults = recipe_train_config(cfg.task)
     for f in fields(TrainConfig):
         if f.name in ("task", "data", "out", "progress"):
             continue
