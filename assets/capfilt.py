@@ -12,7 +12,6 @@ from assets.checks import ShardPolicy, select_shards
 from assets.common import (
     GROUP,
     IO_MANAGER_KEY,
-    LANDING_TRUTH,
     Tools,
     bar_plot,
     code_version,
@@ -27,8 +26,9 @@ from assets.common import (
 )
 from assets.models import RECIPE
 from blip_core.capfilt import CapfiltConfig, describe_threshold
-from orchestration.dvc_resource import DVC_POOL, DvcResource
-from orchestration.storage import Dataset, StorageResource
+from resources.dvc import DVC_POOL, DvcResource
+from resources.landing import LANDING_TRUTH
+from resources.storage import Dataset, StorageResource
 
 _CAPFILT = RECIPE.capfilt
 

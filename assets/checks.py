@@ -34,7 +34,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.common import md_table, web_shard_partitions
-from orchestration.storage import Dataset, StorageResource
+from resources.storage import Dataset, StorageResource
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Partitioned asset checks are a Dagster preview feature; we rely on it knowingly.

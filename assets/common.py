@@ -20,17 +20,10 @@ from typing import Any
 
 from dagster import DynamicPartitionsDefinition, MetadataValue
 
-from orchestration.storage import Dataset, StorageResource, dataset_key
+from resources.storage import Dataset, StorageResource, dataset_key
 
 GROUP = "blip"
 IO_MANAGER_KEY = "datasets_io"
-
-LANDING_WEB = "landing/web"
-"""Where new web shards land (a folder or S3 prefix); one partition per ``*.tar`` there."""
-LANDING_HUMAN = "landing/human"
-"""The human-annotated pairs: ``annotations.json`` (Karpathy splits) and its images."""
-LANDING_TRUTH = "landing/truth"
-"""Shapes world only: which web texts are noisy (read by evaluation, never by training)."""
 
 web_shard_partitions = DynamicPartitionsDefinition(name="web_shards")
 
@@ -247,13 +240,13 @@ class Tools:
 
     storage: StorageResource
     mlflow: Any = None  # orchestration.mlflow_resource.MlflowResource
-    dvc: Any = None  # orchestration.dvc_resource.DvcResource
-    launcher: Any = None  # orchestration.launcher.TrainingLauncher
+    dvc: Any = None  # resources.dvc.DvcResource
+    launcher: Any = None  # resources.launcher.TrainingLauncher
 
     def launcher_is_remote(self) -> bool:
         """Whether training runs elsewhere (a Kubernetes pod) and must read and write S3."""
-        from orchestration.launcher import K8sLauncher
-        from orchestration.storage import S3Storage
+        from resources.launcher import K8sLauncher
+        from resources.storage import S3Storage
 
         remote = isinstance(self.launcher, K8sLauncher)
         if remote and not isinstance(self.storage, S3Storage):
@@ -262,7 +255,7 @@ class Tools:
 
     def version(self, ds: Dataset) -> dict[str, Any]:
         """Versions a published dataset with DVC; its metadata entries (the DVC hash)."""
-        from orchestration.storage import LocalStorage
+        from resources.storage import LocalStorage
 
         source = self.storage.path(ds.key) if isinstance(self.storage, LocalStorage) else ds.uri
         return self.dvc.version(source, name=ds.key).metadata()

@@ -10,8 +10,6 @@ from pydantic import Field
 from assets.common import (
     GROUP,
     IO_MANAGER_KEY,
-    LANDING_HUMAN,
-    LANDING_WEB,
     Tools,
     bar_plot,
     code_version,
@@ -24,8 +22,15 @@ from assets.common import (
     web_shard_partitions,
 )
 from blip_core.data.ingest import IngestConfig
-from orchestration.dvc_resource import DVC_POOL, DvcResource
-from orchestration.storage import Dataset, StorageResource
+from resources.dvc import DVC_POOL, DvcResource
+from resources.landing import (
+    LANDING_HUMAN,
+    LANDING_WEB,
+    SOURCE_VERSION,
+    SOURCE_VERSION_TAG,
+    source_version,
+)
+from resources.storage import Dataset, StorageResource
 
 
 class IngestSettings(Config):
@@ -59,11 +64,10 @@ def web_shards(context: AssetExecutionContext, config: IngestSettings, storage: 
     """Ingest the landing area's shard named by the partition key, recording the version read.
 
     A run the landing sensor requested fails, reading nothing, when the shard is no longer the
-    version it was requested for (``orchestration.landing``); any run fails when it changes
+    version it was requested for (``resources.landing``); any run fails when it changes
     while read.
     """
     from blip_core.data.ingest import ingest, quarantine_ratio
-    from orchestration.landing import SOURCE_VERSION, SOURCE_VERSION_TAG, source_version
 
     shard = context.partition_key
     version = source_version(storage, shard, context.run.tags.get(SOURCE_VERSION_TAG))

@@ -26,9 +26,9 @@ from assets.common import (
 from assets.models import RECIPE
 from blip_core.bootstrap import METRIC_KEYS
 from blip_core.io import atomic_write_json, atomic_write_text
-from orchestration.dvc_resource import DVC_POOL, DvcResource
 from orchestration.mlflow_resource import MlflowResource
-from orchestration.storage import Dataset, StorageResource
+from resources.dvc import DVC_POOL, DvcResource
+from resources.storage import Dataset, StorageResource
 
 
 class EvalSettings(Config):

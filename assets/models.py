@@ -35,10 +35,10 @@ from assets.common import (
     stopwatch,
 )
 from blip_core.bootstrap import BootstrapConfig, Stage
-from orchestration.dvc_resource import DvcResource
-from orchestration.launcher import TrainingLauncher
 from orchestration.mlflow_resource import MlflowResource
-from orchestration.storage import Dataset, StorageResource
+from resources.dvc import DvcResource
+from resources.launcher import TrainingLauncher
+from resources.storage import Dataset, StorageResource
 
 RECIPE = BootstrapConfig()
 """The default recipe; every config default below comes from it."""

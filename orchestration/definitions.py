@@ -2,7 +2,7 @@
 
 Resources are chosen per deployment through the environment:
 
-- storage (``orchestration.storage.storage_from_env``): the local ``data/`` folder by default
+- storage (``resources.storage.storage_from_env``): the local ``data/`` folder by default
   (``BLIP_OPS_DATA``), S3 with ``BLIP_OPS_STORAGE=s3`` (``BLIP_OPS_S3_BUCKET``, ``BLIP_OPS_S3_PREFIX``,
   ``AWS_ENDPOINT_URL``; credentials from the standard AWS chain only);
 - MLflow: the embedded SQLite store under the data folder, or ``MLFLOW_TRACKING_URI``;
@@ -24,13 +24,13 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import ShardPolicy
 from assets.common import IO_MANAGER_KEY
-from orchestration.dvc_resource import DvcResource
-from orchestration.launcher import TrainingLauncher, launcher_from_env
 from orchestration.mlflow_resource import MlflowResource
 from orchestration.promotion import registered_model
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import landing_sensor
-from orchestration.storage import DatasetIOManager, S3Storage, StorageResource, storage_from_env
+from resources.dvc import DvcResource
+from resources.launcher import TrainingLauncher, launcher_from_env
+from resources.storage import DatasetIOManager, S3Storage, StorageResource, storage_from_env
 
 
 def build_resources(storage: StorageResource, data_dir: str,

@@ -56,7 +56,7 @@ DAGSTER_RUN_TAG = "dagster_run_id"
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
 REDACTED = "***"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
-MODEL_CODE = Path(__file__).with_name("pyfunc.py")
+MODEL_CODE = Path(__file__).parents[1] / "resources" / "mlflow_pyfunc.py"
 MODEL_REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "transformers", "safetensors",
                       "pillow", "pandas", "numpy", "pyyaml")
 FLUSH_RETRY_S = 10.0  # seconds between attempts to send metrics kept back during an outage
@@ -311,13 +311,13 @@ class TrackedRun:
         self, checkpoint: str | os.PathLike[str], task: str, registered_model_name: str | None = None,
         name: str = "model",
     ) -> ModelInfo:
-        """Log a checkpoint folder as a pyfunc model (see :mod:`orchestration.pyfunc`).
+        """Log a checkpoint folder as a pyfunc model (see :mod:`resources.mlflow_pyfunc`).
 
         Args:
             task: ``captioner``, ``filter`` or ``med``: which predict() the model offers.
             registered_model_name: also register it as a new version of this registered model.
         """
-        from orchestration.pyfunc import signature_for
+        from resources.mlflow_pyfunc import signature_for
 
         sig = signature_for(task)
         with tempfile.TemporaryDirectory(prefix="blip-model-") as tmp:

@@ -65,7 +65,7 @@ from pydantic import Field
 
 from assets.checks import PASSED
 from orchestration.mlflow_resource import DAGSTER_RUN_TAG, MlflowResource, TrackedRun, metric_key
-from orchestration.storage import Dataset, StorageResource
+from resources.storage import Dataset, StorageResource
 
 MED_MODEL = "blip-med"
 CAPTIONER_MODEL = "blip-captioner"

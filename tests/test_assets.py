@@ -15,7 +15,6 @@ from dagster import AssetKey, DagsterInstance, DagsterInvalidConfigError, materi
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import CORPUS_CHECKS, HUMAN_CHECKS, WEB_CHECKS, ShardPolicy
 from orchestration.definitions import build_resources
-from orchestration.launcher import LocalLauncher
 from orchestration.main import (
     check_run_config,
     lineage_definitions,
@@ -24,7 +23,8 @@ from orchestration.main import (
     split_run_config,
     summary,
 )
-from orchestration.storage import LocalStorage, dataset_key
+from resources.launcher import LocalLauncher
+from resources.storage import LocalStorage, dataset_key
 
 ASSET_KEYS = ["web_shards", "human_pairs", "pretrained_med", "captioner", "filter", "synthetic_captions",
               "bootstrapped_corpus", "bootstrapped_med", "downstream_evals"]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dagster import MaterializeResult, asset, materialize
 
-from orchestration.dvc_resource import DVC_POOL, DvcError, DvcResource, find_dvc
+from resources.dvc import DVC_POOL, DvcError, DvcResource, find_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = find_dvc()

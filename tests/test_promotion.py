@@ -29,7 +29,7 @@ from orchestration.promotion import (
     registered_model,
     registry_for,
 )
-from orchestration.storage import Dataset, DatasetIOManager, LocalStorage, dataset_key
+from resources.storage import Dataset, DatasetIOManager, LocalStorage, dataset_key
 
 empty_store, tracking = test_mlflow.empty_store, test_mlflow.tracking  # shared fixtures
 tiny_checkpoint = test_mlflow.tiny_checkpoint

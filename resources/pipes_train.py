@@ -1,6 +1,6 @@
 """Training behind Dagster Pipes: the process a launcher starts, locally or in a Kubernetes pod.
 
-``python -m orchestration.pipes_train --task pretrain --data ... --out ... [KEY=VALUE ...]``
+``python -m resources.pipes_train --task pretrain --data ... --out ... [KEY=VALUE ...]``
 takes the arguments of ``blip-core pretrain`` / ``finetune`` (same parser), optionally under
 ``torchrun``. It calls :func:`blip_core.train.train` (``blip_core`` itself never imports Dagster)
 and, on rank 0 of a Pipes session, streams each log row back as a Pipes log line plus a custom
