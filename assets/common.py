@@ -239,7 +239,7 @@ class Tools:
     """The resources an asset works with, bundled: storage, MLflow, DVC and the launcher."""
 
     storage: StorageResource
-    mlflow: Any = None  # orchestration.mlflow_resource.MlflowResource
+    mlflow: Any = None  # resources.mlflow_tracking.MlflowResource
     dvc: Any = None  # resources.dvc.DvcResource
     launcher: Any = None  # resources.launcher.TrainingLauncher
 

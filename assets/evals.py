@@ -26,8 +26,8 @@ from assets.common import (
 from assets.models import RECIPE
 from blip_core.bootstrap import METRIC_KEYS
 from blip_core.io import atomic_write_json, atomic_write_text
-from orchestration.mlflow_resource import MlflowResource
 from resources.dvc import DVC_POOL, DvcResource
+from resources.mlflow_tracking import MlflowResource
 from resources.storage import Dataset, StorageResource
 
 

@@ -35,9 +35,9 @@ from assets.common import (
     stopwatch,
 )
 from blip_core.bootstrap import BootstrapConfig, Stage
-from orchestration.mlflow_resource import MlflowResource
 from resources.dvc import DvcResource
 from resources.launcher import TrainingLauncher
+from resources.mlflow_tracking import MlflowResource
 from resources.storage import Dataset, StorageResource
 
 RECIPE = BootstrapConfig()

@@ -64,7 +64,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from assets.checks import PASSED
-from orchestration.mlflow_resource import DAGSTER_RUN_TAG, MlflowResource, TrackedRun, metric_key
+from resources.mlflow_tracking import DAGSTER_RUN_TAG, MlflowResource, TrackedRun, metric_key
 from resources.storage import Dataset, StorageResource
 
 MED_MODEL = "blip-med"

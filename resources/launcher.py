@@ -78,7 +78,7 @@ def train_argv(cfg: TrainConfig) -> list[str]:
 
 def plain_env(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` if it holds no credentials, else ValueError naming the variable (not its value)."""
-    from orchestration.mlflow_resource import redact_uri
+    from resources.mlflow_tracking import redact_uri
 
     for key, value in env.items():
         if SECRET_ENV.search(key) or redact_uri(value) != value:

@@ -30,8 +30,8 @@ from mlflow.tracking import MlflowClient
 from assets import ALL_ASSETS
 from blip_core.io import tree_hash
 from orchestration.definitions import build_resources
-from orchestration.mlflow_resource import MlflowResource
 from resources.launcher import LocalLauncher
+from resources.mlflow_tracking import MlflowResource
 from resources.storage import MARKER, LocalStorage, S3Storage, StorageError, dataset_key
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from conftest import free_port
 from dagster import Failure, asset, materialize
 
 from blip_core.config import TrainConfig
-from orchestration.mlflow_resource import (
+from resources.mlflow_tracking import (
     MlflowResource,
     MlflowUnavailableError,
     flatten,

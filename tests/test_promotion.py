@@ -18,7 +18,6 @@ from dagster import (
     materialize,
 )
 
-from orchestration.mlflow_resource import MlflowResource
 from orchestration.promotion import (
     CHALLENGER,
     CHAMPION,
@@ -29,6 +28,7 @@ from orchestration.promotion import (
     registered_model,
     registry_for,
 )
+from resources.mlflow_tracking import MlflowResource
 from resources.storage import Dataset, DatasetIOManager, LocalStorage, dataset_key
 
 empty_store, tracking = test_mlflow.empty_store, test_mlflow.tracking  # shared fixtures

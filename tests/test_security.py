@@ -39,8 +39,8 @@ from dagster._serdes import serialize_value
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from blip_core.config import TrainConfig
-from orchestration.mlflow_resource import MlflowResource
 from resources.launcher import K8sLauncher, LocalLauncher, TrainingLauncher, launcher_from_env
+from resources.mlflow_tracking import MlflowResource
 from resources.storage import LocalStorage
 
 empty_store = test_mlflow.empty_store  # a migrated SQLite store to copy (shared fixture)

@@ -56,7 +56,7 @@ DAGSTER_RUN_TAG = "dagster_run_id"
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
 REDACTED = "***"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
-MODEL_CODE = Path(__file__).parents[1] / "resources" / "mlflow_pyfunc.py"
+MODEL_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 MODEL_REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "transformers", "safetensors",
                       "pillow", "pandas", "numpy", "pyyaml")
 FLUSH_RETRY_S = 10.0  # seconds between attempts to send metrics kept back during an outage
