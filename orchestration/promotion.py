@@ -64,7 +64,8 @@ from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from assets.checks import PASSED
-from resources.mlflow_tracking import DAGSTER_RUN_TAG, MlflowResource, TrackedRun, metric_key
+from resources.mlflow_run import TrackedRun, metric_key
+from resources.mlflow_tracking import DAGSTER_RUN_TAG, MlflowResource
 from resources.storage import Dataset, StorageResource
 
 MED_MODEL = "blip-med"

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from blip_core.config import TrainConfig
 from resources.pipes_train import METRICS_MESSAGE
+from resources.redaction import redact_uri
 
 LogFn = Callable[[int, dict[str, float]], None]
 TRAIN_MODULE = "resources.pipes_train"
@@ -78,8 +79,6 @@ def train_argv(cfg: TrainConfig) -> list[str]:
 
 def plain_env(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` if it holds no credentials, else ValueError naming the variable (not its value)."""
-    from resources.mlflow_tracking import redact_uri
-
     for key, value in env.items():
         if SECRET_ENV.search(key) or redact_uri(value) != value:
             raise ValueError(f"launcher env {key!r} looks like a credential: it would be stored in "
