@@ -24,11 +24,11 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import ShardPolicy
 from assets.common import IO_MANAGER_KEY
-from orchestration.promotion import registered_model
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import landing_sensor
 from resources.dvc import DvcResource
 from resources.launcher import TrainingLauncher, launcher_from_env
+from resources.mlflow_registry import registered_model
 from resources.mlflow_tracking import MlflowResource
 from resources.storage import DatasetIOManager, S3Storage, StorageResource, storage_from_env
 

@@ -18,7 +18,7 @@ from dagster import (
     materialize,
 )
 
-from orchestration.promotion import (
+from resources.mlflow_registry import (
     CHALLENGER,
     CHAMPION,
     PromotionRule,
@@ -338,7 +338,7 @@ def test_one_failed_partition_of_a_partitioned_check_blocks(tracking: MlflowReso
         multi_asset_check,
     )
 
-    from orchestration.promotion import check_problems
+    from resources.mlflow_registry import check_problems
 
     shards = StaticPartitionsDefinition(["a", "b", "c"])
 
@@ -399,7 +399,7 @@ def test_promotions_racing_in_processes_leave_the_best_champion(tracking: Mlflow
 
     from mlflow.exceptions import MlflowException
 
-    from orchestration.promotion import LOCK_SUFFIX
+    from resources.mlflow_registry import LOCK_SUFFIX
 
     registry, client = registry_for(tracking), tracking.client()
     v1 = _register(registry, tmp_path, metrics(1.0), "initial")
@@ -408,7 +408,7 @@ def test_promotions_racing_in_processes_leave_the_best_champion(tracking: Mlflow
     lock_path = str(registry.lock_path) if machines == "one machine" else None
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["orchestration.promotion", "test_promotion"])
+    ctx.set_forkserver_preload(["resources.mlflow_registry", "test_promotion"])
     start, out = ctx.Barrier(len(RACE_DELTAS)), ctx.Queue()
     procs = [ctx.Process(target=_race, args=(tracking.resolved_tracking_uri(), lock_path, str(source), d,
                                              start, out)) for d in RACE_DELTAS]
@@ -460,7 +460,7 @@ def test_promotions_racing_in_processes_leave_the_best_champion(tracking: Mlflow
 
 def test_a_dead_holders_registry_lock_is_taken_over_and_a_live_one_waited_for(tracking: MlflowResource,
                                                                                tmp_path: Path):
-    from orchestration.promotion import LOCK_SUFFIX
+    from resources.mlflow_registry import LOCK_SUFFIX
 
     client = tracking.client()
     v1 = _register(registry_for(tracking), tmp_path, metrics(1), "a")
