@@ -28,7 +28,6 @@ from orchestration.schedules import retrain_schedule
 from orchestration.sensors import landing_sensor
 from resources.dvc import DvcResource
 from resources.launcher import TrainingLauncher, launcher_from_env
-from resources.mlflow_registry import registered_model
 from resources.mlflow_tracking import MlflowResource
 from resources.storage import DatasetIOManager, S3Storage, StorageResource, storage_from_env
 
@@ -73,7 +72,7 @@ bootstrap_job = define_asset_job(
                 "promote.",
 )
 
-assets: list[Any] = [*ALL_ASSETS, registered_model]
+assets: list[Any] = list(ALL_ASSETS)
 asset_checks: list[Any] = list(ALL_CHECKS)
 jobs: list[Any] = [web_shards_job, bootstrap_job]
 schedules: list[Any] = [retrain_schedule]

@@ -1,23 +1,10 @@
-"""Registry promotion with MLflow aliases (stages are deprecated), and its rollback command.
+"""The MLflow model registry: ``champion`` / ``challenger`` aliases (stages are deprecated), the
+promotion rule, and the locks that keep concurrent promotions from losing an update.
 
-The ``registered_model`` asset registers the new bootstrapped model as a version of ``blip-med``
-and points the alias ``challenger`` at it. It moves ``champion`` to it only when
-
-1. every blocking asset check upstream of it passed on the latest materialisation (read from
-   the Dagster instance: a later run must not promote what an earlier run's checks rejected),
-2. the evaluation has the configured metric, and
-3. the challenger beats the current champion on that metric (by more than ``min_delta``) without
-   regressing on the guard metrics; with no champion yet, it must beat the baseline instead.
-
-The decision and its reason are recorded either way: as tags and description of the model
-version, in the asset's metadata and in the MLflow run. The previous champion is kept in the
-new champion's ``previous_champion`` tag, so rolling back is one command::
-
-    python -m orchestration.promotion rollback --model blip-med [--to VERSION] [--data DATA]
-    python -m orchestration.promotion status --model blip-med
-
-A challenger whose evaluation lacks the metric (absent, None, NaN or infinite), or a guard
-metric the reference has, is never promoted; neither is a first champion without a baseline.
+:meth:`Registry.register` adds a version tagged with its metrics and points ``challenger`` at
+it; :meth:`Registry.promote` moves ``champion`` to it when :func:`decide` says it wins. The
+decision and its reason become tags and the description of the version; the new champion keeps
+its predecessor in its ``previous_champion`` tag, which :meth:`Registry.rollback` restores.
 
 Concurrent promotions: an alias points at one version, so there is never more than one
 champion; a promotion reads the champion, decides and moves the alias under a lock, so none
@@ -31,18 +18,16 @@ leave a worse champion). The lock is taken in two places, for :meth:`Registry.pr
   every promoter of the store sees, from any machine (the team server of ``mlflow/README.md``);
   it is deleted when done, and one older than ``lock_stale_s`` (its holder died) is taken over.
 
-The Dagster pool ``mlflow_registry`` also runs one promotion at a time per Dagster instance.
+Assets that promote also carry the Dagster pool :data:`REGISTRY_POOL`: one promotion at a time
+per Dagster instance.
 """
 
-
-import argparse
 import fcntl
 import json
 import math
 import os
 import random
 import socket
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,23 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagster import (
-    AssetCheckKey,
-    AssetExecutionContext,
-    Config,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from pydantic import Field
 
-from assets.checks import PASSED
-from resources.mlflow_run import TrackedRun, metric_key
-from resources.mlflow_tracking import DAGSTER_RUN_TAG, MlflowResource
-from resources.storage import Dataset, StorageResource
+from resources.mlflow_run import metric_key
+from resources.mlflow_tracking import MlflowResource
 
 MED_MODEL = "blip-med"
 CAPTIONER_MODEL = "blip-captioner"
@@ -155,9 +129,6 @@ def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None,
             return Decision(False, f"{rule.metric} {mine:.4g} beats {label} {theirs:.4g} but {guard} "
                                    f"regresses {b:.4g} -> {a:.4g}", mine, theirs, label)
     return Decision(True, f"{rule.metric} {mine:.4g} beats {label} {theirs:.4g}", mine, theirs, label)
-
-
-# --- the registry ----------------------------------------------------------------------------
 
 
 class Registry:
@@ -354,76 +325,10 @@ def registry_for(mlflow_res: MlflowResource) -> Registry:
     return Registry(mlflow_res.client(), lock)
 
 
-# --- the asset ---------------------------------------------------------------------------------
-
-
-def lineage_checks() -> list[str]:
-    """The blocking checks of the lineage (web shards, human pairs, bootstrapped corpus)."""
-    from assets.checks import CORPUS_CHECKS, HUMAN_CHECKS, WEB_CHECKS
-
-    return ([f"web_shards:{c}" for c in WEB_CHECKS] + [f"human_pairs:{c}" for c in HUMAN_CHECKS]
-            + [f"bootstrapped_corpus:{c}" for c in CORPUS_CHECKS])
-
-
-def blocking_check_problems(context: AssetExecutionContext, required: Sequence[str]) -> list[str]:
-    """Every blocking check upstream of this asset (found in the asset graph, plus ``required``)
-    that did not pass on its asset's latest materialisation (every partition of a partitioned one).
-
-    ``required`` matters when the run's graph is a subset (a job without the upstream assets,
-    or ``materialize``), where upstream checks are not part of the graph.
-    """
-    try:
-        graph = context.repository_def.asset_graph
-    except Exception:  # executed in process: no repository, use the job's graph
-        graph = context.job_def.asset_layer.asset_graph
-    ancestors = graph.get_ancestor_asset_keys(context.asset_key)
-    keys = {k for k in graph.asset_check_keys
-            if k.asset_key in ancestors and graph.get_check_spec(k).blocking}
-    keys |= {AssetCheckKey.from_user_string(name) for name in required}
-    return check_problems(context.instance, sorted(keys, key=lambda k: k.to_user_string()))
-
-
-def check_problems(instance: Any, keys: Sequence[AssetCheckKey]) -> list[str]:
-    problems: list[str] = []
-    for key in keys:
-        partitions = instance.get_materialized_partitions(key.asset_key) or None
-        infos = instance.event_log_storage.get_asset_check_partition_info(
-            [key], partition_keys=sorted(partitions) if partitions else None)
-        by_partition = {i.partition_key: i for i in infos}
-        for pk in sorted(partitions) if partitions else [None]:
-            where = f"{key.to_user_string()}" + (f"[{pk}]" if pk else "")
-            info = by_partition.get(pk)
-            if info is None or not info.is_current:
-                problems.append(f"{where} did not run on the latest materialization")
-            elif info.latest_execution_status.value != PASSED:
-                problems.append(f"{where} {info.latest_execution_status.value.lower()}")
-    return problems
-
-
-class PromotionSettings(Config):
-    """How the bootstrapped model is promoted."""
-
-    model_name: str = Field(default=MED_MODEL, description="registered model")
-    metric: str = Field(default="r_mean", description="compared metric: r_mean (TR/IR@1/5) or a "
-                                                      "report key such as tr@1, cider")
-    min_delta: float = Field(default=0.0, description="margin the challenger must win by")
-    guard_metrics: list[str] = Field(default=["cider"], description="must not regress")
-    guard_tolerance: float = Field(default=0.0, description="allowed regression of guard metrics")
-    beat_baseline_first: bool = Field(default=True, description="first champion must beat the "
-                                                                "baseline pretrained_med")
-    required_checks: list[str] = Field(default_factory=lineage_checks,
-                                       description="ASSET:CHECK that must have passed, beside the "
-                                                   "blocking checks found upstream in the graph")
-
-    def rule(self) -> PromotionRule:
-        return PromotionRule(self.metric, self.min_delta, tuple(self.guard_metrics),
-                             self.guard_tolerance, self.beat_baseline_first)
-
-
-def find_logged_model(mlflow_res: MlflowResource, data_version: str) -> tuple[str, str] | None:
-    """(model URI, run id) of the model the bootstrapped_med run logged for this data version."""
+def find_logged_model(mlflow_res: MlflowResource, asset: str, data_version: str) -> tuple[str, str] | None:
+    """(model URI, run id) of the model a run of ``asset`` logged for its output ``data_version``."""
     client, exp = mlflow_res.client(), mlflow_res.connect()
-    runs = client.search_runs([exp], f"tags.dagster_asset = 'bootstrapped_med' and "
+    runs = client.search_runs([exp], f"tags.dagster_asset = '{asset}' and "
                                      f"tags.data_version = '{data_version}'",
                               order_by=["attributes.start_time DESC"], max_results=5)
     for run in runs:
@@ -431,95 +336,3 @@ def find_logged_model(mlflow_res: MlflowResource, data_version: str) -> tuple[st
         for out in getattr(outputs, "model_outputs", None) or []:
             return f"models:/{out.model_id}", run.info.run_id
     return None
-
-
-@asset(
-    group_name="blip",
-    pool=REGISTRY_POOL,
-    kinds={"mlflow"},
-    description="blip-med in the MLflow registry: the new model as `challenger`, promoted to "
-                "`champion` only if every blocking check passed and it beats the champion.",
-)
-def registered_model(context: AssetExecutionContext, config: PromotionSettings, storage: StorageResource,
-                     mlflow: MlflowResource, bootstrapped_med: Dataset,
-                     downstream_evals: Dataset) -> MaterializeResult:
-    """Register bootstrapped_med, alias it challenger, and maybe champion; record why."""
-    with storage.local_dir(downstream_evals.key) as folder:
-        report = json.loads((folder / "report.json").read_text())
-    challenger, baseline = report.get("bootstrapped") or {}, report.get("baseline")
-    problems = blocking_check_problems(context, config.required_checks)
-    registry = registry_for(mlflow)
-    with mlflow.start_run(context, "registered_model") as run:
-        found = find_logged_model(mlflow, bootstrapped_med.version)
-        if found is not None:
-            model_uri, source_run = found
-        else:  # the training run logged no model: log it from the checkpoint here
-            with storage.local_dir(bootstrapped_med.key) as ckpt:
-                model_uri, source_run = run.log_model(ckpt, task="med").model_uri, run.run_id
-        run.log_metrics({f"challenger.{k}": v for k, v in challenger.items()})
-        version = registry.register(model_uri, config.model_name, challenger, tags={
-            "mlflow_run_id": source_run, DAGSTER_RUN_TAG: context.run_id,
-            "data_version": bootstrapped_med.version, "evals_version": downstream_evals.version,
-            "blocking_checks": "passed" if not problems else f"{len(problems)} problem(s)"})
-        decision, previous = registry.promote(config.model_name, version.version, challenger, baseline,
-                                              problems, config.rule())
-        _log_decision(run, config.model_name, version.version, decision)
-    champion = registry.alias_version(config.model_name, CHAMPION)
-    context.log.info(f"{config.model_name} v{version.version}: "
-                     f"{'PROMOTED' if decision.promote else 'not promoted'} - {decision.reason}")
-    metadata: dict[str, Any] = {
-        "model_name": config.model_name,
-        "version": MetadataValue.int(int(version.version)),
-        "model_uri": f"models:/{config.model_name}/{version.version}",
-        "promoted": MetadataValue.bool(decision.promote),
-        "reason": decision.reason,
-        "champion_version": champion or "",
-        "previous_champion": previous or "",
-        "metric": config.metric,
-        "challenger_metrics": MetadataValue.json(challenger),
-        "blocking_check_problems": MetadataValue.md("\n".join(f"- {p}" for p in problems) or "_none_"),
-        "rollback": f"python -m orchestration.promotion rollback --model {config.model_name}",
-        **run.metadata(),
-    }
-    if decision.challenger_score is not None:
-        metadata["challenger_score"] = MetadataValue.float(round(decision.challenger_score, 4))
-    if decision.reference_score is not None:
-        metadata["reference_score"] = MetadataValue.float(round(decision.reference_score, 4))
-    return MaterializeResult(metadata=metadata)
-
-
-def _log_decision(run: TrackedRun, name: str, version: str, decision: Decision) -> None:
-    run.set_tags({"promotion.model": name, "promotion.version": version,
-                  "promotion.promoted": str(decision.promote), "promotion.reason": decision.reason})
-
-
-# --- command line ------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m orchestration.promotion rollback|status --model NAME``."""
-    p = argparse.ArgumentParser(prog="python -m orchestration.promotion",
-                                description="Inspect or roll back the champion of a registered model.")
-    p.add_argument("command", choices=["rollback", "status"])
-    p.add_argument("--model", default=MED_MODEL, help=f"registered model (default {MED_MODEL})")
-    p.add_argument("--to", help="rollback: version to make champion (default: the previous champion)")
-    p.add_argument("--data", default=os.environ.get("BLIP_OPS_DATA", "data"),
-                   help="data folder of the embedded store (default: $BLIP_OPS_DATA or data)")
-    p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else the "
-                                                      "embedded SQLite store of --data")
-    args = p.parse_args(argv)
-    registry = registry_for(MlflowResource(data_dir=args.data, tracking_uri=args.tracking_uri))
-    try:
-        if args.command == "status":
-            print(json.dumps(registry.status(args.model), indent=2))
-            return 0
-        demoted, champion = registry.rollback(args.model, args.to)
-    except (ValueError, MlflowException) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.model}: champion v{demoted} -> v{champion}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
