@@ -9,7 +9,8 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 
 from assets.checks import ShardPolicy, select_shards
-from assets.common import (
+from assets.models import RECIPE
+from assets.publishing import (
     GROUP,
     IO_MANAGER_KEY,
     Tools,
@@ -24,7 +25,6 @@ from assets.common import (
     staging,
     stopwatch,
 )
-from assets.models import RECIPE
 from blip_core.capfilt import CapfiltConfig, describe_threshold
 from resources.dvc import DVC_POOL, DvcResource
 from resources.landing import LANDING_TRUTH

@@ -36,7 +36,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.common import md_table, web_shard_partitions
+from assets.publishing import md_table, web_shard_partitions
 from resources.storage import Dataset, StorageResource
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

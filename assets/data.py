@@ -7,7 +7,7 @@ from contextlib import ExitStack
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from assets.common import (
+from assets.publishing import (
     GROUP,
     IO_MANAGER_KEY,
     Tools,

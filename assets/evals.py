@@ -9,7 +9,8 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 
 from assets.capfilt import measure_filter
-from assets.common import (
+from assets.models import RECIPE
+from assets.publishing import (
     GROUP,
     IO_MANAGER_KEY,
     Tools,
@@ -23,7 +24,6 @@ from assets.common import (
     staging,
     stopwatch,
 )
-from assets.models import RECIPE
 from blip_core.bootstrap import METRIC_KEYS
 from blip_core.io import atomic_write_json, atomic_write_text
 from resources.dvc import DVC_POOL, DvcResource

@@ -20,7 +20,7 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 
 from assets.checks import ShardPolicy, select_shards
-from assets.common import (
+from assets.publishing import (
     GROUP,
     IO_MANAGER_KEY,
     Tools,
