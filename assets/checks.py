@@ -36,7 +36,8 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.publishing import md_table, web_shard_partitions
+from assets.keys import web_shard_partitions
+from assets.metadata import md_table
 from resources.storage import Dataset, StorageResource
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

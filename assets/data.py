@@ -7,20 +7,11 @@ from contextlib import ExitStack
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from assets.publishing import (
-    GROUP,
-    IO_MANAGER_KEY,
-    Tools,
-    bar_plot,
-    code_version,
-    dataset_metadata,
-    md_table,
-    publish,
-    read_json,
-    staging,
-    stopwatch,
-    web_shard_partitions,
-)
+from assets.keys import GROUP, IO_MANAGER_KEY, web_shard_partitions
+from assets.metadata import dataset_metadata, md_table, stopwatch
+from assets.plots import bar_plot
+from assets.publishing import code_version, publish, read_json, staging
+from assets.tools import Tools
 from blip_core.data.ingest import IngestConfig
 from resources.dvc import DVC_POOL, DvcResource
 from resources.landing import (

@@ -9,21 +9,12 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 
 from assets.capfilt import measure_filter
+from assets.keys import GROUP, IO_MANAGER_KEY
+from assets.metadata import dataset_metadata, stopwatch
 from assets.models import RECIPE
-from assets.publishing import (
-    GROUP,
-    IO_MANAGER_KEY,
-    Tools,
-    code_version,
-    dataset_metadata,
-    identity,
-    png_file_markdown,
-    publish,
-    read_json,
-    reusable,
-    staging,
-    stopwatch,
-)
+from assets.plots import png_file_markdown
+from assets.publishing import code_version, identity, publish, read_json, reusable, staging
+from assets.tools import Tools
 from blip_core.bootstrap import METRIC_KEYS
 from blip_core.io import atomic_write_json, atomic_write_text
 from resources.dvc import DVC_POOL, DvcResource

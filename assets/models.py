@@ -20,20 +20,11 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 
 from assets.checks import ShardPolicy, select_shards
-from assets.publishing import (
-    GROUP,
-    IO_MANAGER_KEY,
-    Tools,
-    code_version,
-    dataset_metadata,
-    history_summary,
-    identity,
-    loss_plot,
-    publish,
-    read_json,
-    reusable,
-    stopwatch,
-)
+from assets.keys import GROUP, IO_MANAGER_KEY
+from assets.metadata import dataset_metadata, history_summary, stopwatch
+from assets.plots import loss_plot
+from assets.publishing import code_version, identity, publish, read_json, reusable
+from assets.tools import Tools
 from blip_core.bootstrap import BootstrapConfig, Stage
 from resources.dvc import DvcResource
 from resources.launcher import TrainingLauncher

@@ -23,7 +23,7 @@ from dagster import AssetCheckKey, AssetExecutionContext, Config, MaterializeRes
 from pydantic import Field
 
 from assets.checks import CORPUS_CHECKS, HUMAN_CHECKS, WEB_CHECKS, check_problems
-from assets.publishing import GROUP
+from assets.keys import GROUP
 from resources.mlflow_registry import (
     CHAMPION,
     MED_MODEL,

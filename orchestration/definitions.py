@@ -23,7 +23,7 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import ShardPolicy
-from assets.publishing import IO_MANAGER_KEY
+from assets.keys import IO_MANAGER_KEY
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import landing_sensor
 from resources.dvc import DvcResource

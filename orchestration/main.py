@@ -126,7 +126,7 @@ def register_shards(instance: Any, storage: StorageResource, settle_s: float = 1
     or a closed tar unchanged over ``settle_s`` seconds; those still being written are named and
     left for the landing sensor or the next run.
     """
-    from assets.publishing import web_shard_partitions
+    from assets.keys import web_shard_partitions
     from resources.landing import ready_shards
 
     shards = ready_shards(storage, settle_s)
@@ -235,7 +235,7 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
         ValueError, dagster.DagsterInvalidConfigError: ``run_config`` is wrong (see
             :func:`check_run_config`); raised before any run starts.
     """
-    from assets.publishing import web_shard_partitions
+    from assets.keys import web_shard_partitions
 
     defs = lineage_definitions(resources, assets, console.logger_defs() if console else None)
     if partitions is None:

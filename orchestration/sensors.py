@@ -30,7 +30,7 @@ from dagster import (
     sensor,
 )
 
-from assets.publishing import web_shard_partitions
+from assets.keys import web_shard_partitions
 from resources.landing import LANDING_WEB, SOURCE_VERSION_TAG, ingested_version, landed_shards, readiness
 from resources.storage import StorageResource
 
