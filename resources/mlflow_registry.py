@@ -22,7 +22,6 @@ Assets that promote also carry the Dagster pool :data:`REGISTRY_POOL`: one promo
 per Dagster instance.
 """
 
-import fcntl
 import json
 import math
 import os
@@ -30,11 +29,12 @@ import random
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -153,18 +153,11 @@ class Registry:
         with self._file_lock(), self._registry_lock(name):
             yield
 
-    @contextmanager
-    def _file_lock(self) -> Iterator[None]:
+    def _file_lock(self) -> AbstractContextManager[object]:
         if self.lock_path is None:
-            yield
-            return
+            return nullcontext()
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return FileLock(self.lock_path)
 
     @contextmanager
     def _registry_lock(self, name: str) -> Iterator[None]:

@@ -11,14 +11,14 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -127,8 +127,7 @@ class TrackedRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (flattened, redacted) parameters."""
         items = [Param(k, v) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.call(self.client.log_batch, self.run_id, params=items[i : i + 100])
+        self.call(self.client.log_batch, self.run_id, params=items)  # sent in MLflow's batch sizes
 
     def log_config(self, config: Any, name: str = "config.json") -> None:
         """Log a config as parameters and as a JSON artefact."""
@@ -173,10 +172,9 @@ class TrackedRun:
         self._next_flush = time.monotonic() + FLUSH_RETRY_S
 
     def _send_pending(self) -> None:
-        while self.pending:
-            batch = self.pending[:1000]  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=batch)
-            del self.pending[: len(batch)]
+        # In MLflow's batch sizes; a batch sent again after a later one failed is stored once.
+        self.client.log_batch(self.run_id, metrics=self.pending)
+        self.pending.clear()
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
         """``on_log`` callback of ``blip_core.train.train``: per-step metrics."""
@@ -248,18 +246,16 @@ class TrackedRun:
 
             return self.call(log)
 
-    @contextmanager
-    def _active(self) -> Iterator[None]:
+    def _active(self) -> AbstractContextManager[object]:
+        """This run as MLflow's active run, for the fluent API."""
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
-            yield
-            return
-        with mlflow.start_run(run_id=self.run_id, nested=active is not None):
-            yield
+            return nullcontext()
+        return mlflow.start_run(run_id=self.run_id, nested=active is not None)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.call(self.client.set_tag, self.run_id, key, str(value))
+        """Set tags (values as text)."""
+        self.call(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def metadata(self) -> dict[str, str]:
         """Asset metadata pointing at this run."""
