@@ -1,6 +1,8 @@
-"""The Dagster definitions: ``defs``, loaded by ``dagster dev`` and the main command.
+"""The Dagster definitions: :func:`defs`, which ``dagster dev -m orchestration.definitions`` loads.
 
-Resources are chosen per deployment through the environment:
+Importing the module builds no resource: :func:`defs` (``@dagster.definitions``) reads the
+environment when Dagster loads it. Resources are chosen per deployment through the environment
+(:func:`resources_from_env`):
 
 - storage (``resources.storage.storage_from_env``): the local ``data/`` folder by default
   (``BLIP_OPS_DATA``), S3 with ``BLIP_OPS_STORAGE=s3`` (``BLIP_OPS_S3_BUCKET``, ``BLIP_OPS_S3_PREFIX``,
@@ -12,14 +14,14 @@ Resources are chosen per deployment through the environment:
   ``torchrun`` with ``BLIP_OPS_NPROC`` > 1) or ``k8s`` (``BLIP_OPS_K8S_IMAGE``, ``BLIP_OPS_K8S_GPUS``;
   needs S3 storage).
 
-Extend the deployment through :data:`resources`, :data:`jobs`, :data:`schedules` and
+Extend the deployment through :func:`build_resources`, :data:`jobs`, :data:`schedules` and
 :data:`sensors`.
 """
 
 import os
 from typing import Any
 
-from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+from dagster import AssetSelection, Definitions, define_asset_job, definitions, in_process_executor
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import ShardPolicy
@@ -57,8 +59,11 @@ def build_resources(storage: StorageResource, data_dir: str,
     }
 
 
-storage = storage_from_env()
-resources: dict[str, Any] = build_resources(storage, os.environ.get("BLIP_OPS_DATA", "data"))
+def resources_from_env() -> dict[str, Any]:
+    """The resources the environment asks for (see the module docstring); the data folder is
+    ``$BLIP_OPS_DATA`` (default ``data``)."""
+    return build_resources(storage_from_env(), os.environ.get("BLIP_OPS_DATA", "data"))
+
 
 web_shards_job = define_asset_job(
     "web_shards_job",
@@ -78,12 +83,15 @@ jobs: list[Any] = [web_shards_job, bootstrap_job]
 schedules: list[Any] = [retrain_schedule]
 sensors: list[Any] = [landing_sensor]
 
-defs = Definitions(
-    assets=assets,
-    asset_checks=asset_checks,
-    jobs=jobs,
-    schedules=schedules,
-    sensors=sensors,
-    resources=resources,
-    executor=in_process_executor,  # one process per run: 2-core machines train one model at a time
-)
+@definitions
+def defs() -> Definitions:
+    """The lineage's assets, checks, jobs, schedules and sensors over :func:`resources_from_env`."""
+    return Definitions(
+        assets=assets,
+        asset_checks=asset_checks,
+        jobs=jobs,
+        schedules=schedules,
+        sensors=sensors,
+        resources=resources_from_env(),
+        executor=in_process_executor,  # one process per run: 2-core machines train one model at a time
+    )

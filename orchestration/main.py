@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dagster import DagsterInstance, DagsterInvalidConfigError
 
     from orchestration.console import LineageConsole
-    from orchestration.definitions import resources, storage
+    from orchestration.definitions import resources_from_env
 
     run_config: dict[str, Any] = {"ops": {}}
     if args.config:
@@ -391,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, cfg in preset_run_config(args.preset)["ops"].items():
             ops.setdefault(name, {}).setdefault("config", {}).update(cfg["config"])
 
+    resources = resources_from_env()
+    storage = resources["storage"]
     console = LineageConsole(args.data / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
     print(f"full log (every Dagster event, the libraries' output): {console.log_path}", flush=True)
     try:
