@@ -10,27 +10,17 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 
 from assets.checks import ShardPolicy, select_shards
-from assets.common import (
-    GROUP,
-    IO_MANAGER_KEY,
-    LANDING_TRUTH,
-    Tools,
-    bar_plot,
-    code_version,
-    dataset_metadata,
-    identity,
-    md_table,
-    publish,
-    read_json,
-    reusable,
-    staging,
-    stopwatch,
-)
+from assets.keys import GROUP, IO_MANAGER_KEY
+from assets.metadata import dataset_metadata, md_table, stopwatch
 from assets.models import RECIPE
+from assets.plots import bar_plot
+from assets.publishing import code_version, identity, publish, read_json, reusable, staging
+from assets.tools import Tools
 from blip_core.capfilt import CapfiltConfig, describe_threshold
 from blip_core.recipe import Recipe
-from orchestration.dvc_resource import DVC_POOL, DvcResource
-from orchestration.storage import Dataset, StorageResource
+from resources.dvc import DVC_POOL, DvcResource
+from resources.landing import LANDING_TRUTH
+from resources.storage import Dataset, StorageResource
 
 _CAPFILT = RECIPE.capfilt
 

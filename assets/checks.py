@@ -4,7 +4,8 @@ Each check states one invariant and returns its observed values as metadata. The
 blocking: in a run, a failed check stops every asset downstream of the checked one; across
 runs, the assets that read web shards leave out those whose latest checks did not pass
 (:func:`select_shards`, per the :class:`ShardPolicy` resource) and ``bootstrapped_med``
-refuses a corpus whose latest checks did not pass (:func:`require_passed_checks`).
+refuses a corpus whose latest checks did not pass (:func:`require_passed_checks`), as does the
+promotion of ``registered_model``; all of them read the results with :func:`check_problems`.
 ``dagster-ge`` does not support GX 1.x, so GX is called directly: an ephemeral context, a pandas
 data source, one expectation per invariant.
 """
@@ -25,17 +26,20 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetIn,
+    AssetKey,
     Config,
     ConfigurableResource,
+    DagsterInstance,
     Failure,
     MetadataValue,
     multi_asset_check,
 )
 from pydantic import Field
 
-from assets.common import md_table, web_shard_partitions
+from assets.keys import web_shard_partitions
+from assets.metadata import md_table
 from blip_core.data.ingest import DEFAULT_CONFIG
-from orchestration.storage import Dataset, StorageResource
+from resources.storage import Dataset, StorageResource
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Partitioned asset checks are a Dagster preview feature; we rely on it knowingly.
@@ -228,35 +232,47 @@ def web_shard_checks(context: AssetCheckExecutionContext, config: WebShardCheckC
         by_reason=stats.get("by_reason", {}), limit=config.max_quarantine_ratio)
 
 
-def check_problems(context: Any, asset: str, checks: Sequence[str],
-                   partitions: Sequence[str] | None = None) -> dict[str | None, list[str]]:
-    """Why the latest materialization of ``asset`` (per partition) did not pass its checks.
+@dataclass(frozen=True)
+class CheckProblem:
+    """An asset check that did not pass on the latest materialization of its asset (partition)."""
+
+    key: AssetCheckKey
+    partition: str | None  # None: an unpartitioned asset
+    problem: str  # its status in lower case ("failed"), or "did not run on the latest materialization"
+
+    def __str__(self) -> str:
+        where = self.key.to_user_string() + (f"[{self.partition}]" if self.partition else "")
+        return f"{where} {self.problem}"
+
+
+def check_keys(asset: str, checks: Sequence[str]) -> list[AssetCheckKey]:
+    """The keys of ``asset``'s checks named ``checks``."""
+    return [AssetCheckKey(AssetKey(asset), name) for name in checks]
+
+
+def check_problems(instance: DagsterInstance, keys: Sequence[AssetCheckKey],
+                   partitions: Sequence[str] | None = None) -> list[CheckProblem]:
+    """The checks among ``keys`` that did not pass on the latest materialization of their asset:
+    those that failed, and those that did not run on it.
 
     Args:
-        asset: The checked asset.
-        checks: Its check names.
-        partitions: The partitions to look at (partitioned assets), else None.
-
-    Returns:
-        ``{partition (None when unpartitioned): [problem, ...]}`` for each one with a problem:
-        a check that failed, or that did not run on the latest materialization.
+        instance: The Dagster instance holding the check results.
+        keys: The checks, in the order of the result.
+        partitions: The partitions to look at; default: every materialized partition of a
+            partitioned asset (an unpartitioned one has none).
     """
-    keys = [AssetCheckKey.from_user_string(f"{asset}:{name}") for name in checks]
-    infos = context.instance.event_log_storage.get_asset_check_partition_info(
-        keys, partition_keys=list(partitions) if partitions is not None else None
-    )
-    status = {(i.check_key.name, i.partition_key): i for i in infos}
-    problems: dict[str | None, list[str]] = {}
-    for pk in partitions if partitions is not None else [None]:
-        for name in checks:
-            info = status.get((name, pk))
+    problems: list[CheckProblem] = []
+    for key in keys:
+        wanted = list(partitions) if partitions is not None else \
+            sorted(instance.get_materialized_partitions(key.asset_key)) or None
+        infos = instance.event_log_storage.get_asset_check_partition_info([key], partition_keys=wanted)
+        by_partition = {i.partition_key: i for i in infos}
+        for pk in wanted if wanted is not None else [None]:
+            info = by_partition.get(pk)
             if info is None or not info.is_current:
-                problem = f"check {name} did not run on the latest materialization"
+                problems.append(CheckProblem(key, pk, "did not run on the latest materialization"))
             elif info.latest_execution_status.value != PASSED:
-                problem = f"check {name} {info.latest_execution_status.value.lower()}"
-            else:
-                continue
-            problems.setdefault(pk, []).append(problem)
+                problems.append(CheckProblem(key, pk, info.latest_execution_status.value.lower()))
     return problems
 
 
@@ -266,11 +282,10 @@ def require_passed_checks(context: Any, asset: str, checks: Sequence[str]) -> No
     Blocking checks stop downstream steps inside one run; this extends that to later runs: a
     corpus that failed its noise band is not pre-trained on by a run that skipped the check.
     """
-    bad = check_problems(context, asset, checks).get(None, [])
+    bad = [str(p) for p in check_problems(context.instance, check_keys(asset, checks))]
     if bad:
         raise Failure(
-            description=f"{len(bad)} blocking check(s) of {asset} did not pass: "
-                        + "; ".join(f"{asset}: {b}" for b in bad[:5]),
+            description=f"{len(bad)} blocking check(s) of {asset} did not pass: " + "; ".join(bad[:5]),
             metadata={"problems": MetadataValue.md("\n".join(f"- {b}" for b in bad[:50]))},
         )
 
@@ -324,8 +339,8 @@ def select_shards(context: Any, policy: ShardPolicy, web_shards: dict[str, Datas
     partitions = sorted(context.asset_partition_keys_for_input("web_shards"))
     excluded = {pk: ["not published: its ingestion did not complete"]
                 for pk in partitions if pk not in web_shards}
-    for pk, problems in check_problems(context, "web_shards", WEB_CHECKS, sorted(web_shards)).items():
-        excluded[str(pk)] = problems
+    for p in check_problems(context.instance, check_keys("web_shards", WEB_CHECKS), sorted(web_shards)):
+        excluded.setdefault(str(p.partition), []).append(f"check {p.key.name} {p.problem}")
     selection = ShardSelection({pk: web_shards[pk] for pk in sorted(web_shards) if pk not in excluded},
                                excluded)
     context.add_asset_metadata(selection.metadata())

@@ -7,25 +7,21 @@ from contextlib import ExitStack
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from assets.common import (
-    GROUP,
-    IO_MANAGER_KEY,
+from assets.keys import GROUP, IO_MANAGER_KEY, web_shard_partitions
+from assets.metadata import dataset_metadata, md_table, stopwatch
+from assets.plots import bar_plot
+from assets.publishing import code_version, publish, read_json, staging
+from assets.tools import Tools
+from blip_core.data.ingest import DEFAULT_CONFIG, IngestConfig
+from resources.dvc import DVC_POOL, DvcResource
+from resources.landing import (
     LANDING_HUMAN,
     LANDING_WEB,
-    Tools,
-    bar_plot,
-    code_version,
-    dataset_metadata,
-    md_table,
-    publish,
-    read_json,
-    staging,
-    stopwatch,
-    web_shard_partitions,
+    SOURCE_VERSION,
+    SOURCE_VERSION_TAG,
+    source_version,
 )
-from blip_core.data.ingest import DEFAULT_CONFIG, IngestConfig
-from orchestration.dvc_resource import DVC_POOL, DvcResource
-from orchestration.storage import Dataset, StorageResource
+from resources.storage import Dataset, StorageResource
 
 
 class IngestSettings(Config):
@@ -61,11 +57,10 @@ def web_shards(context: AssetExecutionContext, config: IngestSettings, storage: 
     """Ingest the landing area's shard named by the partition key, recording the version read.
 
     A run the landing sensor requested fails, reading nothing, when the shard is no longer the
-    version it was requested for (``orchestration.landing``); any run fails when it changes
+    version it was requested for (``resources.landing``); any run fails when it changes
     while read.
     """
     from blip_core.data.ingest import ingest, quarantine_ratio
-    from orchestration.landing import SOURCE_VERSION, SOURCE_VERSION_TAG, source_version
 
     shard = context.partition_key
     version = source_version(storage, shard, context.run.tags.get(SOURCE_VERSION_TAG))

@@ -9,27 +9,18 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 
 from assets.capfilt import measure_filter
-from assets.common import (
-    GROUP,
-    IO_MANAGER_KEY,
-    Tools,
-    code_version,
-    dataset_metadata,
-    identity,
-    png_file_markdown,
-    publish,
-    read_json,
-    reusable,
-    staging,
-    stopwatch,
-)
+from assets.keys import GROUP, IO_MANAGER_KEY
+from assets.metadata import dataset_metadata, stopwatch
 from assets.models import RECIPE
+from assets.plots import png_file_markdown
+from assets.publishing import code_version, identity, publish, read_json, reusable, staging
+from assets.tools import Tools
 from blip_core.io import atomic_write_json
 from blip_core.recipe import Recipe
 from blip_core.report import REPORT_METRICS, beats
-from orchestration.dvc_resource import DVC_POOL, DvcResource
-from orchestration.mlflow_resource import MlflowResource
-from orchestration.storage import Dataset, StorageResource
+from resources.dvc import DVC_POOL, DvcResource
+from resources.mlflow_tracking import MlflowResource
+from resources.storage import Dataset, StorageResource
 
 
 class EvalSettings(Config):

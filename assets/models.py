@@ -20,25 +20,16 @@ from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResul
 from pydantic import Field
 
 from assets.checks import ShardPolicy, select_shards
-from assets.common import (
-    GROUP,
-    IO_MANAGER_KEY,
-    Tools,
-    code_version,
-    dataset_metadata,
-    history_summary,
-    identity,
-    loss_plot,
-    publish,
-    read_json,
-    reusable,
-    stopwatch,
-)
+from assets.keys import GROUP, IO_MANAGER_KEY
+from assets.metadata import dataset_metadata, history_summary, stopwatch
+from assets.plots import loss_plot
+from assets.publishing import code_version, identity, publish, read_json, reusable
+from assets.tools import Tools
 from blip_core.recipe import Recipe, Stage, stage_config
-from orchestration.dvc_resource import DvcResource
-from orchestration.launcher import TrainingLauncher
-from orchestration.mlflow_resource import MlflowResource
-from orchestration.storage import Dataset, StorageResource
+from resources.dvc import DvcResource
+from resources.launcher import TrainingLauncher
+from resources.mlflow_tracking import MlflowResource
+from resources.storage import Dataset, StorageResource
 
 RECIPE = Recipe()
 """The default recipe; every config default of the assets comes from it."""

@@ -1,8 +1,10 @@
-"""The Dagster definitions: ``defs``, loaded by ``dagster dev`` and the main command.
+"""The Dagster definitions: :func:`defs`, which ``dagster dev -m orchestration.definitions`` loads.
 
-Resources are chosen per deployment through the environment:
+Importing the module builds no resource: :func:`defs` (``@dagster.definitions``) reads the
+environment when Dagster loads it. Resources are chosen per deployment through the environment
+(:func:`resources_from_env`):
 
-- storage (``orchestration.storage.storage_from_env``): the local ``data/`` folder by default
+- storage (``resources.storage.storage_from_env``): the local ``data/`` folder by default
   (``BLIP_OPS_DATA``), S3 with ``BLIP_OPS_STORAGE=s3`` (``BLIP_OPS_S3_BUCKET``, ``BLIP_OPS_S3_PREFIX``,
   ``AWS_ENDPOINT_URL``; credentials from the standard AWS chain only);
 - MLflow: the embedded SQLite store under the data folder, or ``MLFLOW_TRACKING_URI``;
@@ -12,25 +14,24 @@ Resources are chosen per deployment through the environment:
   ``torchrun`` with ``BLIP_OPS_NPROC`` > 1) or ``k8s`` (``BLIP_OPS_K8S_IMAGE``, ``BLIP_OPS_K8S_GPUS``;
   needs S3 storage).
 
-Extend the deployment through :data:`resources`, :data:`jobs`, :data:`schedules` and
+Extend the deployment through :func:`build_resources`, :data:`jobs`, :data:`schedules` and
 :data:`sensors`.
 """
 
 import os
 from typing import Any
 
-from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+from dagster import AssetSelection, Definitions, define_asset_job, definitions, in_process_executor
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import ShardPolicy
-from assets.common import IO_MANAGER_KEY
-from orchestration.dvc_resource import DvcResource
-from orchestration.launcher import TrainingLauncher, launcher_from_env
-from orchestration.mlflow_resource import MlflowResource
-from orchestration.promotion import registered_model
+from assets.keys import IO_MANAGER_KEY
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import landing_sensor
-from orchestration.storage import DatasetIOManager, S3Storage, StorageResource, storage_from_env
+from resources.dvc import DvcResource
+from resources.launcher import TrainingLauncher, launcher_from_env
+from resources.mlflow_tracking import MlflowResource
+from resources.storage import DatasetIOManager, S3Storage, StorageResource, storage_from_env
 
 
 def build_resources(storage: StorageResource, data_dir: str,
@@ -58,8 +59,11 @@ def build_resources(storage: StorageResource, data_dir: str,
     }
 
 
-storage = storage_from_env()
-resources: dict[str, Any] = build_resources(storage, os.environ.get("BLIP_OPS_DATA", "data"))
+def resources_from_env() -> dict[str, Any]:
+    """The resources the environment asks for (see the module docstring); the data folder is
+    ``$BLIP_OPS_DATA`` (default ``data``)."""
+    return build_resources(storage_from_env(), os.environ.get("BLIP_OPS_DATA", "data"))
+
 
 web_shards_job = define_asset_job(
     "web_shards_job",
@@ -73,18 +77,21 @@ bootstrap_job = define_asset_job(
                 "promote.",
 )
 
-assets: list[Any] = [*ALL_ASSETS, registered_model]
+assets: list[Any] = list(ALL_ASSETS)
 asset_checks: list[Any] = list(ALL_CHECKS)
 jobs: list[Any] = [web_shards_job, bootstrap_job]
 schedules: list[Any] = [retrain_schedule]
 sensors: list[Any] = [landing_sensor]
 
-defs = Definitions(
-    assets=assets,
-    asset_checks=asset_checks,
-    jobs=jobs,
-    schedules=schedules,
-    sensors=sensors,
-    resources=resources,
-    executor=in_process_executor,  # one process per run: 2-core machines train one model at a time
-)
+@definitions
+def defs() -> Definitions:
+    """The lineage's assets, checks, jobs, schedules and sensors over :func:`resources_from_env`."""
+    return Definitions(
+        assets=assets,
+        asset_checks=asset_checks,
+        jobs=jobs,
+        schedules=schedules,
+        sensors=sensors,
+        resources=resources_from_env(),
+        executor=in_process_executor,  # one process per run: 2-core machines train one model at a time
+    )

@@ -4,7 +4,7 @@
 
 1. lands the parts of the embedded shapes world ``DIR/landing`` lacks (the web shards unless
    shards are there, the human pairs unless ``human/annotations.json`` is), overwriting nothing;
-2. adds one ``web_shards`` partition per complete landed shard (``orchestration.landing``);
+2. adds one ``web_shards`` partition per complete landed shard (``resources.landing``);
 3. materializes, in-process, each new shard (with its blocking checks), then everything
    downstream in one run, on the Dagster instance in ``DIR/dagster_home`` — the one the UI
    (``python -m orchestration.ui --data DIR``) opens, so the runs, metadata and plots are there;
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orchestration  # noqa: F401  (telemetry off first)
-from orchestration.storage import StorageResource
+from resources.storage import StorageResource
 
 if TYPE_CHECKING:
     from blip_core.recipe import Recipe
@@ -93,9 +93,9 @@ def land_shapes_world(storage: StorageResource, recipe: "Recipe | None" = None, 
     import shutil
     import tempfile
 
-    from assets.common import LANDING_HUMAN, LANDING_WEB
     from blip_core.data.shapes import generate_world
     from blip_core.recipe import Recipe
+    from resources.landing import LANDING_HUMAN, LANDING_WEB
 
     result = WorldLanding()
     unwanted: list[str] = []
@@ -123,12 +123,12 @@ def land_shapes_world(storage: StorageResource, recipe: "Recipe | None" = None, 
 def register_shards(instance: Any, storage: StorageResource, settle_s: float = 1.0) -> list[str]:
     """Adds a ``web_shards`` partition for every ready landed shard not yet known; returns the new ones.
 
-    A shard is ready when complete (``orchestration.landing``): its ``_stats.json`` beside it,
+    A shard is ready when complete (``resources.landing``): its ``_stats.json`` beside it,
     or a closed tar unchanged over ``settle_s`` seconds; those still being written are named and
     left for the landing sensor or the next run.
     """
-    from assets.common import web_shard_partitions
-    from orchestration.landing import ready_shards
+    from assets.keys import web_shard_partitions
+    from resources.landing import ready_shards
 
     shards = ready_shards(storage, settle_s)
     if shards.pending:
@@ -236,11 +236,11 @@ def materialize_lineage(instance: Any, resources: Mapping[str, Any],
         ValueError, dagster.DagsterInvalidConfigError: ``run_config`` is wrong (see
             :func:`check_run_config`); raised before any run starts.
     """
-    from assets.common import web_shard_partitions
+    from assets.keys import web_shard_partitions
 
     defs = lineage_definitions(resources, assets, console.logger_defs() if console else None)
     if partitions is None:
-        from orchestration.landing import ingested_version, ready_shards
+        from resources.landing import ingested_version, ready_shards
 
         known = set(instance.get_dynamic_partitions(web_shard_partitions.name))
         ready = ready_shards(resources["storage"]).ready
@@ -277,7 +277,7 @@ def summary(storage: StorageResource, result: LineageResult, seconds: float,
     given ``log_path``, where the full log is."""
     from assets.checks import checks_table
     from blip_core.report import capfilt_lines, report_table
-    from orchestration.storage import dataset_key
+    from resources.storage import dataset_key
 
     lines: list[str] = []
     failed = [e for e in result.check_evaluations() if not e.passed]
@@ -392,8 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dagster import DagsterInstance, DagsterInvalidConfigError
 
     from orchestration.console import LineageConsole
-    from orchestration.definitions import resources, storage
+    from orchestration.definitions import resources_from_env
 
+    resources = resources_from_env()
+    storage = resources["storage"]
     console = LineageConsole(args.data / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
     print(f"full log (every Dagster event, the libraries' output): {console.log_path}", flush=True)
     try:

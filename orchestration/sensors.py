@@ -2,7 +2,7 @@
 
 The landing area is ``landing/web`` of the storage resource: ``DATA/landing/web/*.tar`` locally,
 ``s3://BUCKET/PREFIX/landing/web/*.tar`` on S3. It follows the landing protocol
-(:mod:`orchestration.landing`): each evaluation lists the shards with their content version and
+(:mod:`resources.landing`): each evaluation lists the shards with their content version and
 requests only those that are ready (img2dataset's ``_stats.json`` beside them, or the same
 version as on the previous tick and closed by tar's end-of-archive marker), so a shard still
 being written is never read. For each ready shard whose version it has not requested yet it
@@ -30,9 +30,9 @@ from dagster import (
     sensor,
 )
 
-from assets.common import LANDING_WEB, web_shard_partitions
-from orchestration.landing import SOURCE_VERSION_TAG, ingested_version, landed_shards, readiness
-from orchestration.storage import StorageResource
+from assets.keys import web_shard_partitions
+from resources.landing import LANDING_WEB, SOURCE_VERSION_TAG, ingested_version, landed_shards, readiness
+from resources.storage import StorageResource
 
 WEB_SHARDS_JOB = "web_shards_job"
 """The job that ingests one web_shards partition (defined in orchestration.definitions)."""

@@ -48,8 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_land:
         from dagster import DagsterInstance
 
-        from orchestration.definitions import storage
         from orchestration.main import land_shapes_world, register_shards
+        from resources.storage import storage_from_env
+
+        storage = storage_from_env()
 
         print(land_shapes_world(storage).describe(storage), flush=True)
         with DagsterInstance.get() as instance:

@@ -183,7 +183,7 @@ def test_data_quality_check_reports_the_quarantine_ratio(
     from dagster import build_op_context
 
     from assets.checks import WebShardCheckConfig, web_shard_checks
-    from orchestration.storage import Dataset, LocalStorage
+    from resources.storage import Dataset, LocalStorage
 
     _, truth = corpus
     out, _ = web_out

@@ -15,7 +15,6 @@ from assets import ALL_ASSETS, ALL_CHECKS
 from assets.checks import CORPUS_CHECKS, HUMAN_CHECKS, WEB_CHECKS, ShardPolicy
 from blip_core.recipe import load_recipe
 from orchestration.definitions import build_resources
-from orchestration.launcher import LocalLauncher
 from orchestration.main import (
     check_run_config,
     lineage_definitions,
@@ -25,7 +24,8 @@ from orchestration.main import (
     split_run_config,
     summary,
 )
-from orchestration.storage import LocalStorage, dataset_key
+from resources.launcher import LocalLauncher
+from resources.storage import LocalStorage, dataset_key
 
 ASSET_KEYS = ["web_shards", "human_pairs", "pretrained_med", "captioner", "filter", "synthetic_captions",
               "bootstrapped_corpus", "bootstrapped_med", "downstream_evals"]
@@ -62,14 +62,14 @@ def lineage(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path) -> dict[
 def test_defs_load_with_every_asset_and_check():
     from orchestration.definitions import defs
 
-    graph = defs.resolve_asset_graph()
+    graph = defs().resolve_asset_graph()
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} >= set(ASSET_KEYS)
     checks = {k.to_user_string() for k in graph.asset_check_keys}
     assert checks >= {f"web_shards:{c}" for c in WEB_CHECKS} | {f"human_pairs:{c}" for c in HUMAN_CHECKS} \
         | {f"bootstrapped_corpus:{c}" for c in CORPUS_CHECKS}
     assert all(graph.get_check_spec(k).blocking for k in graph.asset_check_keys
                if k.asset_key.to_user_string() in ("web_shards", "human_pairs", "bootstrapped_corpus"))
-    assert {"web_shards_job", "bootstrap_job"} <= {j.name for j in defs.resolve_all_job_defs()}
+    assert {"web_shards_job", "bootstrap_job"} <= {j.name for j in defs().resolve_all_job_defs()}
 
 
 def test_web_shards_one_partition_per_shard_with_passing_checks(lineage):

@@ -31,9 +31,9 @@ from dagster import (
 
 from orchestration.console import LineageConsole
 from orchestration.definitions import build_resources
-from orchestration.launcher import LocalLauncher
 from orchestration.main import materialize_lineage, register_shards, summary
-from orchestration.storage import LocalStorage
+from resources.launcher import LocalLauncher
+from resources.storage import LocalStorage
 
 NUMBER = r"\[ *\d+/\d+\]"
 DURATION = r"(?:\d+\.\d s|\d+ s|\d+ min \d\d s)"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dagster import MaterializeResult, asset, materialize
 
-from orchestration.dvc_resource import DVC_POOL, DvcError, DvcResource, find_dvc
+from resources.dvc import DVC_POOL, DvcError, DvcResource, find_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = find_dvc()
@@ -157,7 +157,7 @@ def test_dvc_stages_are_the_dagster_assets_with_the_same_lineage():
         from orchestration.definitions import defs
     except ImportError as e:  # pragma: no cover - a clear failure rather than a skip
         pytest.fail(f"orchestration.definitions.defs does not load: {e}")
-    graph = defs.resolve_asset_graph()
+    graph = defs().resolve_asset_graph()
     dagster = {k.to_user_string(): {u.to_user_string() for u in graph.get(k).parent_keys}
                for k in graph.materializable_asset_keys}
     dvc = dvc_lineage()

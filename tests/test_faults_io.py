@@ -30,9 +30,9 @@ from mlflow.tracking import MlflowClient
 from assets import ALL_ASSETS
 from blip_core.io import tree_hash
 from orchestration.definitions import build_resources
-from orchestration.launcher import LocalLauncher
-from orchestration.mlflow_resource import MlflowResource
-from orchestration.storage import MARKER, LocalStorage, S3Storage, StorageError, dataset_key
+from resources.launcher import LocalLauncher
+from resources.mlflow_tracking import MlflowResource
+from resources.storage import MARKER, LocalStorage, S3Storage, StorageError, dataset_key
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = "00000.tar"
@@ -344,11 +344,11 @@ def ingested(tmp_path_factory: pytest.TempPathFactory,
 
 KILLED_CHILD = """
 import sys, time
-import orchestration.storage as storage_module
+import resources.storage as storage_module
 from dagster import DagsterInstance, asset, materialize
 from assets import ALL_ASSETS
 from orchestration.definitions import build_resources
-from orchestration.launcher import LocalLauncher
+from resources.launcher import LocalLauncher
 
 write_json = storage_module.atomic_write_json
 

@@ -214,8 +214,8 @@ def test_web_shards_partition_of_an_img2dataset_shard_passes_its_checks(
     from assets.checks import WEB_CHECKS, web_shard_checks
     from assets.data import web_shards
     from orchestration.definitions import build_resources
-    from orchestration.launcher import LocalLauncher
-    from orchestration.storage import LocalStorage
+    from resources.launcher import LocalLauncher
+    from resources.storage import LocalStorage
 
     folder = _run(served, "for_dagster")
     storage = LocalStorage(root=str(tmp_path / "data"))

@@ -17,11 +17,11 @@ from dagster import DagsterInstance, SensorResult, build_sensor_context, instanc
 from assets.data import web_shards
 from blip_core.data.formats import RawSample, iter_shard
 from orchestration.definitions import build_resources
-from orchestration.landing import SOURCE_VERSION, TAR_END, landed_shards
-from orchestration.launcher import LocalLauncher
 from orchestration.main import land_shapes_world, lineage_definitions, register_shards
 from orchestration.sensors import landing_sensor
-from orchestration.storage import LocalStorage, S3Storage, StorageResource
+from resources.landing import SOURCE_VERSION, TAR_END, landed_shards
+from resources.launcher import LocalLauncher
+from resources.storage import LocalStorage, S3Storage, StorageResource
 
 
 @pytest.fixture

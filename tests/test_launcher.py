@@ -20,7 +20,7 @@ from dagster import MaterializeResult, asset, materialize
 
 from blip_core.config import TrainConfig
 from blip_core.train import build_parser, config_from_args
-from orchestration.launcher import (
+from resources.launcher import (
     K8sLauncher,
     LocalLauncher,
     TrainingLauncher,
@@ -70,7 +70,7 @@ def test_pod_spec_requests_gpus_shm_and_secrets_by_reference():
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "blip-s3", "key": key, "optional": False}
     assert env["AWS_ENDPOINT_URL"]["value"] == "https://minio.example.com"
     cmd = container["command"]
-    assert cmd[:4] == ["torchrun", "--nproc-per-node=4", "-m", "orchestration.pipes_train"]
+    assert cmd[:4] == ["torchrun", "--nproc-per-node=4", "-m", "resources.pipes_train"]
     assert cmd[cmd.index("--data") + 1] == "s3://bucket/blip/human_pairs:train"
     assert cmd[cmd.index("--out") + 1] == "s3://bucket/blip/captioner"
     assert "init_from=s3://bucket/blip/pretrained_med" in cmd
@@ -98,7 +98,7 @@ def test_same_command_line_for_every_launcher():
     cfg = replace(S3_CFG, max_steps=3)
     local = LocalLauncher(mode="subprocess").command(cfg)
     k8s = build_pod_spec(training_command(cfg, 4, torchrun=True), _k8s())["containers"][0]["command"]
-    module = "orchestration.pipes_train"
+    module = "resources.pipes_train"
     assert local[local.index(module) + 1:] == k8s[k8s.index(module) + 1:]
 
 
@@ -228,7 +228,7 @@ def test_k8s_launcher_pipes_round_trip_with_s3_data(tiny_world: Path, tmp_path: 
 
 
 def test_launcher_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    from orchestration.launcher import launcher_from_env
+    from resources.launcher import launcher_from_env
 
     monkeypatch.delenv("BLIP_OPS_LAUNCHER", raising=False)
     assert isinstance(launcher_from_env(), LocalLauncher) and launcher_from_env().mode == "inprocess"
@@ -243,7 +243,7 @@ def test_launcher_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     assert isinstance(k8s, K8sLauncher) and k8s.gpus == 8 and k8s.node_selector == {"pool": "gpu"}
     # The deployment's resources (what ``defs`` uses) read the same settings, service account included.
     from orchestration.definitions import build_resources
-    from orchestration.storage import LocalStorage
+    from resources.storage import LocalStorage
 
     deployed = build_resources(LocalStorage(root=str(tmp_path)), str(tmp_path))["launcher"]
     assert deployed == k8s and deployed.service_account == "blip-trainer"
@@ -259,7 +259,7 @@ def test_multinode_manifest_runs_the_launcher_command():
     command = container["command"]
     assert command[0] == "torchrun" and "--nnodes=2" in command
     assert job["spec"]["completionMode"] == "Indexed"
-    argv = command[command.index("orchestration.pipes_train") + 1:]
+    argv = command[command.index("resources.pipes_train") + 1:]
     cfg = config_from_args(build_parser().parse_args(argv))
     assert cfg.task == "pretrain" and cfg.out.startswith("s3://") and cfg.precision == "bf16"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"

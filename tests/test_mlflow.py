@@ -16,13 +16,10 @@ from conftest import free_port
 from dagster import Failure, asset, materialize
 
 from blip_core.config import TrainConfig
-from orchestration.mlflow_resource import (
-    MlflowResource,
-    MlflowUnavailableError,
-    flatten,
-    metric_key,
-    redact_uri,
-)
+from resources.mlflow_run import flatten, metric_key
+from resources.mlflow_store import MlflowUnavailableError
+from resources.mlflow_tracking import MlflowResource
+from resources.redaction import redact_uri
 
 
 def tiny_checkpoint(out: Path) -> Path:
@@ -244,17 +241,17 @@ def test_models_are_registered_pyfuncs_that_load_and_predict_without_the_repo(
     files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
     assert "artifacts/checkpoint/model.safetensors" in files
     assert not any("trainer_state" in f or f.endswith((".pt", ".pth", ".pkl", ".pyc")) for f in files)
-    assert not any(f.startswith("code/orchestration") or f.endswith(("uv.lock", "pyproject.toml"))
-                   for f in files)
+    assert not any(f.startswith(("code/orchestration", "code/resources", "code/assets"))
+                   or f.endswith(("uv.lock", "pyproject.toml")) for f in files)
 
     images = [_image_bytes(1), _image_bytes(2)]
     (tmp_path / "images.json").write_text(json.dumps([i.hex() for i in images]))
-    # A fresh interpreter that cannot import this repo's orchestration package nor Dagster.
+    # A fresh interpreter that cannot import this repo's packages (blip_core aside) nor Dagster.
     script = textwrap.dedent(f"""
         import json, sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("orchestration", "dagster", "dagster_pipes"):
+                if name.split(".")[0] in ("orchestration", "assets", "resources", "dagster", "dagster_pipes"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
         import mlflow, pandas as pd

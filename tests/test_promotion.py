@@ -18,18 +18,11 @@ from dagster import (
     materialize,
 )
 
-from orchestration.mlflow_resource import MlflowResource
-from orchestration.promotion import (
-    CHALLENGER,
-    CHAMPION,
-    PromotionRule,
-    Registry,
-    decide,
-    main,
-    registered_model,
-    registry_for,
-)
-from orchestration.storage import Dataset, DatasetIOManager, LocalStorage, dataset_key
+from assets.promotion import registered_model
+from orchestration.promotion import main
+from resources.mlflow_registry import CHALLENGER, CHAMPION, PromotionRule, Registry, decide, registry_for
+from resources.mlflow_tracking import MlflowResource
+from resources.storage import Dataset, DatasetIOManager, LocalStorage, dataset_key
 
 empty_store, tracking = test_mlflow.empty_store, test_mlflow.tracking  # shared fixtures
 tiny_checkpoint = test_mlflow.tiny_checkpoint
@@ -338,7 +331,7 @@ def test_one_failed_partition_of_a_partitioned_check_blocks(tracking: MlflowReso
         multi_asset_check,
     )
 
-    from orchestration.promotion import check_problems
+    from assets.checks import check_problems
 
     shards = StaticPartitionsDefinition(["a", "b", "c"])
 
@@ -357,7 +350,8 @@ def test_one_failed_partition_of_a_partitioned_check_blocks(tracking: MlflowReso
             materialize([shard, decodable], instance=instance, partition_key=pk, raise_on_error=False)
         materialize([shard], instance=instance, partition_key="c",
                     selection=[shard.key])  # made without its check
-        problems = check_problems(instance, [AssetCheckKey.from_user_string("shard:decodable")])
+        found = check_problems(instance, [AssetCheckKey.from_user_string("shard:decodable")])
+    problems = [str(p) for p in found]
     assert problems == ["shard:decodable[b] failed",
                         "shard:decodable[c] did not run on the latest materialization"]
     registry = registry_for(tracking)
@@ -399,7 +393,7 @@ def test_promotions_racing_in_processes_leave_the_best_champion(tracking: Mlflow
 
     from mlflow.exceptions import MlflowException
 
-    from orchestration.promotion import LOCK_SUFFIX
+    from resources.mlflow_registry import LOCK_SUFFIX
 
     registry, client = registry_for(tracking), tracking.client()
     v1 = _register(registry, tmp_path, metrics(1.0), "initial")
@@ -408,7 +402,7 @@ def test_promotions_racing_in_processes_leave_the_best_champion(tracking: Mlflow
     lock_path = str(registry.lock_path) if machines == "one machine" else None
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["orchestration.promotion", "test_promotion"])
+    ctx.set_forkserver_preload(["resources.mlflow_registry", "test_promotion"])
     start, out = ctx.Barrier(len(RACE_DELTAS)), ctx.Queue()
     procs = [ctx.Process(target=_race, args=(tracking.resolved_tracking_uri(), lock_path, str(source), d,
                                              start, out)) for d in RACE_DELTAS]
@@ -460,7 +454,7 @@ def test_promotions_racing_in_processes_leave_the_best_champion(tracking: Mlflow
 
 def test_a_dead_holders_registry_lock_is_taken_over_and_a_live_one_waited_for(tracking: MlflowResource,
                                                                                tmp_path: Path):
-    from orchestration.promotion import LOCK_SUFFIX
+    from resources.mlflow_registry import LOCK_SUFFIX
 
     client = tracking.client()
     v1 = _register(registry_for(tracking), tmp_path, metrics(1), "a")

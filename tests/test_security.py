@@ -39,9 +39,9 @@ from dagster._serdes import serialize_value
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from blip_core.config import TrainConfig
-from orchestration.launcher import K8sLauncher, LocalLauncher, TrainingLauncher, launcher_from_env
-from orchestration.mlflow_resource import MlflowResource
-from orchestration.storage import LocalStorage
+from resources.launcher import K8sLauncher, LocalLauncher, TrainingLauncher, launcher_from_env
+from resources.mlflow_tracking import MlflowResource
+from resources.storage import LocalStorage
 
 empty_store = test_mlflow.empty_store  # a migrated SQLite store to copy (shared fixture)
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def test_a_k8s_run_carries_credentials_only_by_reference(tmp_path: Path, s3_env:
     by_reference = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
     assert set(by_reference) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
     assert all(ref["name"] == "blip-s3" for ref in by_reference.values())
-    from orchestration.launcher import SECRET_ENV
+    from resources.launcher import SECRET_ENV
 
     assert not [e["name"] for e in env if SECRET_ENV.search(e["name"]) and "value" in e]
     assert "step 2" in texts["pod log"]  # the pod really trained, with the Secret's credentials
@@ -265,7 +265,7 @@ def test_a_k8s_run_carries_credentials_only_by_reference(tmp_path: Path, s3_env:
 
 
 def test_launchers_refuse_credentials_in_their_plain_env():
-    from orchestration.launcher import plain_env
+    from resources.launcher import plain_env
 
     s3_cfg = TrainConfig(data=("s3://b/web",), out="s3://b/out")
     for env in ({"AWS_SECRET_ACCESS_KEY": "x"}, {"HF_TOKEN": "x"}, {"MLFLOW_TRACKING_PASSWORD": "x"},
@@ -289,7 +289,7 @@ def test_resources_from_the_environment_hold_no_credentials(tmp_path: Path, monk
     from dagster._core.remote_representation.external_data import RepositorySnap
 
     from orchestration.definitions import build_resources
-    from orchestration.storage import storage_from_env
+    from resources.storage import storage_from_env
 
     planted = plant_secrets(monkeypatch)
     for key, value in {"BLIP_OPS_STORAGE": "s3", "BLIP_OPS_S3_BUCKET": "blip-bucket",

@@ -25,7 +25,7 @@ from dagster import (
 
 from orchestration.schedules import RETRAIN_JOB, build_retrain_schedule, retrain_schedule
 from orchestration.sensors import WEB_SHARDS_JOB, landing_sensor
-from orchestration.storage import LocalStorage, S3Storage
+from resources.storage import LocalStorage, S3Storage
 
 
 @pytest.fixture

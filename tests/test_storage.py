@@ -12,9 +12,9 @@ from dagster import DagsterInstance, materialize
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from orchestration.definitions import build_resources
-from orchestration.launcher import LocalLauncher
 from orchestration.main import materialize_lineage, register_shards
-from orchestration.storage import (
+from resources.launcher import LocalLauncher
+from resources.storage import (
     MARKER,
     LocalStorage,
     S3Storage,

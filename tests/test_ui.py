@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, stop_process, wait_for_port
 
-from orchestration.storage import LocalStorage
+from resources.storage import LocalStorage
 
 pytestmark = pytest.mark.slow  # starts dagster dev and Chromium: about a minute
 

@@ -1,4 +1,5 @@
-"""The landing protocol: when a landed web shard may be read, and which content it holds.
+"""The landing area (where other tools put new data) and its protocol: when a landed web shard may
+be read, and which content it holds.
 
 Other tools (img2dataset, a copy, an upload) fill ``landing/web`` of the storage resource; a
 shard may still be being written when it is listed: img2dataset writes ``NNNNN.tar`` under its
@@ -29,9 +30,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from assets.common import LANDING_WEB
-from orchestration.storage import StorageResource
+from resources.storage import StorageResource
 
+LANDING_WEB = "landing/web"
+"""Where new web shards land (a folder or S3 prefix); one partition per ``*.tar`` there."""
+LANDING_HUMAN = "landing/human"
+"""The human-annotated pairs: ``annotations.json`` (Karpathy splits) and its images."""
+LANDING_TRUTH = "landing/truth"
+"""Shapes world only: which web texts are noisy (read by evaluation, never by training)."""
 STATS_SUFFIX = "_stats.json"
 """img2dataset's per-shard stats file, written once the shard is complete."""
 TAR_END = b"\0" * 1024

@@ -1,6 +1,6 @@
 """Training behind Dagster Pipes: the process a launcher starts, locally or in a Kubernetes pod.
 
-``python -m orchestration.pipes_train --task pretrain --data ... --out ... [KEY=VALUE ...]``
+``python -m resources.pipes_train --task pretrain --data ... --out ... [KEY=VALUE ...]``
 takes the arguments of ``blip-core pretrain`` / ``finetune`` (same parser), optionally under
 ``torchrun``. It calls :func:`blip_core.train.train` (``blip_core`` itself never imports Dagster)
 and, on rank 0 of a Pipes session, streams each log row back as a Pipes log line plus a custom
@@ -14,7 +14,6 @@ after it (boto3: credentials from the environment, ``$AWS_ENDPOINT_URL`` for Min
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import sys
@@ -23,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from blip_core.config import TrainConfig
 from blip_core.train import TrainResult, build_parser, config_from_args, train
@@ -56,8 +57,7 @@ def download(uri: str, stage: Path) -> Path:
     local = stage / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(key).name
     done = local.parent / ".complete"
     local.parent.mkdir(parents=True, exist_ok=True)
-    with open(local.parent / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one rank downloads, the others wait for it
+    with FileLock(local.parent / ".lock"):  # one rank downloads, the others wait for it
         if not done.exists():
             s3 = _s3_client()
             pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key}/")

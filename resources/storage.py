@@ -5,7 +5,7 @@ A *dataset* is a folder published under a key with a completion marker (``.compl
 holding the folder's content hash) written LAST: readers treat a key without its marker as
 absent, so nothing half-written or half-uploaded is ever read as done. Landing areas, filled
 by other tools, are plain files read without a marker: :meth:`StorageResource.list_stats` gives
-each one's size and content version (``orchestration.landing`` decides when it is complete), and
+each one's size and content version (``resources.landing`` decides when it is complete), and
 the pipeline only ever adds files there (:meth:`StorageResource.publish_new_files`).
 
 - :class:`LocalStorage` keeps everything under ``root``; datasets appear by atomic rename.

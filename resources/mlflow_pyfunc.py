@@ -3,8 +3,8 @@
 This file is the model's code: MLflow copies it into the logged model, beside the checkpoint
 folder (``config.json``, ``model.safetensors``, ``tokenizer/``) as an artefact and ``blip_core``
 as a code path. Loading runs this file and nothing is unpickled. It imports only ``mlflow``,
-``pandas``, ``PIL``, ``torch`` and ``blip_core``, never the orchestration package, so a model
-loads anywhere those are installed::
+``pandas``, ``PIL``, ``torch`` and ``blip_core``, none of this repository's other packages, so a
+model loads anywhere those are installed::
 
     model = mlflow.pyfunc.load_model("models:/blip-captioner@champion")
     model.predict(pd.DataFrame({"image": [jpeg_bytes]}))                 # -> caption

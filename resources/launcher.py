@@ -1,7 +1,7 @@
 """Where training runs: one interface, a local and a Kubernetes implementation.
 
 Every launcher runs the same command line (:func:`training_command`):
-``[torchrun --nproc-per-node N] -m orchestration.pipes_train --task T --data ... --out ... K=V``
+``[torchrun --nproc-per-node N] -m resources.pipes_train --task T --data ... --out ... K=V``
 
 - :class:`LocalLauncher` ``mode="inprocess"`` calls :func:`blip_core.train.train` in the step's
   process (the embedded default); ``mode="subprocess"`` runs the command through
@@ -33,10 +33,11 @@ from dagster import ConfigurableResource, PipesSubprocessClient
 from pydantic import Field
 
 from blip_core.config import TrainConfig
-from orchestration.pipes_train import METRICS_MESSAGE
+from resources.pipes_train import METRICS_MESSAGE
+from resources.redaction import redact_uri
 
 LogFn = Callable[[int, dict[str, float]], None]
-TRAIN_MODULE = "orchestration.pipes_train"
+TRAIN_MODULE = "resources.pipes_train"
 SHM_VOLUME = "dshm"
 AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 SECRET_ENV = re.compile(r"(^|_)(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIALS?|PRIVATE|ACCESS_KEY|API_KEY)(_|$)",
@@ -81,8 +82,6 @@ def train_argv(cfg: TrainConfig) -> list[str]:
 
 def plain_env(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` if it holds no credentials, else ValueError naming the variable (not its value)."""
-    from orchestration.mlflow_resource import redact_uri
-
     for key, value in env.items():
         if SECRET_ENV.search(key) or redact_uri(value) != value:
             raise ValueError(f"launcher env {key!r} looks like a credential: it would be stored in "

@@ -19,18 +19,17 @@ runtime conflicts with Dagster's. It is found via the ``dvc_bin`` setting, ``$DV
 from __future__ import annotations
 
 import configparser
-import fcntl
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from dagster import ConfigurableResource, InitResourceContext
+from filelock import FileLock
 
 DVC_POOL = "dvc"
 """Dagster concurrency pool of every asset that versions data (give it limit 1)."""
@@ -119,16 +118,11 @@ class DvcResource(ConfigurableResource):
                            f"{proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout
 
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive use of the DVC repository across threads and processes of this machine."""
+    def lock(self) -> FileLock:
+        """Exclusive use of the DVC repository across threads and processes of this machine
+        (``with resource.lock(): ...``)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return FileLock(self.root / LOCK_FILE)
 
     def ensure_repo(self) -> None:
         """Create the repository and point its default remote at ``resolved_remote()`` (idempotent).
