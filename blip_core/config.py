@@ -108,13 +108,24 @@ def model_preset(name: str) -> BlipConfig:
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    """How captions are decoded; the defaults of every captioning entry point."""
+    """How captions are decoded; the defaults of every captioning entry point are BLIP's.
+
+    BLIP calls transformers 4.15's ``generate``; ``lengths="new_tokens"`` and
+    ``beam_norm="transformers"`` give what transformers 5 does with the same numbers.
+    """
 
     method: Literal["nucleus", "beam", "greedy"] = "nucleus"  # paper: nucleus is more diverse, better
     top_p: float = 0.9  # nucleus sampling mass
+    top_k: int | None = 50  # sampling keeps the k most likely tokens first (transformers' default)
     num_beams: int = 3  # beam search width
-    max_length: int = 20  # generated tokens at most (prompt excluded, [SEP] included)
-    min_length: int = 5  # generated tokens before [SEP] may end a caption
+    max_length: int = 20  # most tokens, [SEP] included; with lengths="blip" the prompt's count too
+    min_length: int = 5  # fewest tokens before [SEP]; with lengths="blip" the prompt's count too
+    # blip: max_length / min_length count the prompt ([DEC] a picture of: 4 tokens), as BLIP's
+    # generate(max_length=20, min_length=5); new_tokens: they count generated tokens only
+    lengths: Literal["blip", "new_tokens"] = "blip"
+    # blip: a beam hypothesis scores sum(log p) / (prompt + tokens before [SEP]); transformers:
+    # / (generated tokens, [SEP] included), as transformers 5
+    beam_norm: Literal["blip", "transformers"] = "blip"
     repetition_penalty: float | None = None  # None: 1.1 for nucleus, 1.0 for beam / greedy (as BLIP)
 
 

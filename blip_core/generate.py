@@ -7,11 +7,11 @@ image share one copy: their queries attend to it together). Rows that finish
 (an image whose beams can no longer improve, a sample that produced [SEP]) are dropped from the
 batch and from the cache, so the cost of a step follows the number of live sequences.
 
-Lengths: ``max_length`` and ``min_length`` count the tokens generated after the prompt (HF's
-``max_new_tokens`` / ``min_new_tokens``): at most ``max_length`` tokens, [SEP] included, and
-at least ``min_length`` tokens before [SEP]. The official BLIP code passes its values to HF
-``generate`` as total lengths, prompt included, so its ``max_length=20, min_length=5`` with the
-4-token prompt equal ``max_length=16, min_length=1`` here.
+Lengths, as BLIP's (``lengths="blip"``, the default): ``max_length`` and ``min_length`` count
+the prompt's tokens too, as transformers 4.15's ``generate`` does with BLIP's
+``max_length=20, min_length=5``: with the 4-token prompt, at most 16 tokens are generated
+([SEP] included) and [SEP] may come from the second one on. ``lengths="new_tokens"`` counts
+the generated tokens only (transformers' ``max_new_tokens`` / ``min_new_tokens``).
 
 Repetition penalty (HF's definition): for every token already in the sequence, prompt
 included, a positive score is divided by the penalty and a negative one multiplied by it.
@@ -19,11 +19,16 @@ Sampling and greedy decoding apply it to the logits, beam search to the log-prob
 HF does. Its default depends on the method as in BLIP: 1.1 for nucleus sampling, 1.0 for beam
 search and greedy decoding.
 
-Beam search follows HF ``generate`` (``num_beams``, ``length_penalty=1.0``,
-``early_stopping=False``): a finished hypothesis scores ``sum(log p) / n ** length_penalty``
-with ``n`` the generated tokens ([SEP] included); only candidates ranked within the top
-``num_beams`` may finish; an image stops once it holds ``num_beams`` finished hypotheses and
-its best running beam, normalised by its current length, cannot beat the worst of them.
+Beam search (``num_beams``, ``length_penalty=1.0``, ``early_stopping=False``): only candidates
+ranked within the top ``num_beams`` may finish; an image stops once it holds ``num_beams``
+finished hypotheses and its best candidate, normalised, cannot beat the worst of them. A
+finished hypothesis scores ``sum(log p) / n ** length_penalty``: with ``beam_norm="blip"``
+(transformers 4.15, as BLIP) ``n`` counts the prompt and the tokens before [SEP], and the
+``num_beams`` best running beams finish at ``max_length`` with their full length; with
+``beam_norm="transformers"`` (transformers 5) ``n`` counts the generated tokens, [SEP] included.
+
+Sampling keeps the ``top_k`` most likely tokens (transformers' default 50, which BLIP's
+``generate`` applies), then the nucleus of mass ``top_p`` among them, renormalised each time.
 """
 
 from __future__ import annotations
@@ -157,9 +162,13 @@ def apply_repetition_penalty(
 
 
 def sample_top_p(
-    logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None
+    logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """Nucleus sampling (temperature 1): one token per row of (R, V) logits, returned as (R,).
+
+    With ``top_k``, each row keeps its ``top_k`` most likely tokens first, renormalised, and
+    samples from the nucleus of those (transformers' top-k then top-p).
 
     Each row samples from the smallest set of most likely tokens whose probability reaches
     ``top_p`` (at least the most likely token), renormalised. Each row's set is looked for among
@@ -167,6 +176,12 @@ def sample_top_p(
     needs more, so that peaked rows cost a small ``topk`` whatever the flat rows beside them need.
     A row whose most likely token alone reaches ``top_p`` takes it without a draw.
     """
+    if top_k is not None and top_k < logits.shape[-1]:
+        top_logits, top_ids = logits.topk(top_k, dim=-1)  # (R, k), most likely first
+        probs = top_logits.softmax(-1)
+        if top_p < 1.0:
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # mass ranked ahead
+        return top_ids.gather(1, torch.multinomial(probs, 1, generator=generator))[:, 0]
     probs = logits.softmax(-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -193,6 +208,7 @@ def _sample(
     num_captions: int,
     do_sample: bool,
     top_p: float,
+    top_k: int | None,
     max_length: int,
     min_length: int,
     penalty: float,
@@ -214,7 +230,7 @@ def _sample(
         if t < min_length:
             logits[:, SEP_TOKEN_ID] = float("-inf")
         if do_sample:
-            next_ids = sample_top_p(logits, top_p, generator)
+            next_ids = sample_top_p(logits, top_p, generator, top_k)
         else:
             next_ids = logits.argmax(-1)
         for row, token in zip(alive.tolist(), next_ids.tolist(), strict=True):
@@ -243,9 +259,11 @@ def _beam_search(
     min_length: int,
     penalty: float,
     length_penalty: float,
+    blip_norm: bool,
 ) -> tuple[list[list[list[int]]], list[list[float]]]:
-    """Batched beam search (HF semantics, see the module docstring)."""
+    """Batched beam search (see the module docstring for both normalisations)."""
     b, device = image_embeds.shape[0], image_embeds.device
+    n_prompt = prompt_ids.numel()
     k, neg_inf = num_beams, float("-inf")
     prompt = prompt_ids.to(device)
     logits, cache = _decode_step(model, prompt.expand(b, -1), None, image_embeds)
@@ -278,11 +296,18 @@ def _beam_search(
             [run_tokens.gather(1, beam[:, :, None].expand(-1, -1, t)), token[:, :, None]], dim=2
         )  # (A, 2K, t + 1)
         last = t + 1 == max_length
-        hits = (token == SEP_TOKEN_ID) | last
+        is_sep = token == SEP_TOKEN_ID
+        hits = is_sep | last
 
         # Finished candidates compete with the image's finished pool for its K places.
-        finishing = hits & rank_ok[None]
-        norm = torch.where(finishing, cand_scores / (t + 1) ** length_penalty, neg_inf)
+        if blip_norm:  # [SEP] ends a hypothesis of P + t tokens; at max_length the K best running
+            # beams (the first K candidates without [SEP]) finish with all P + t + 1 of theirs
+            running_rank = (~is_sep).cumsum(dim=1) - 1
+            finishing = (is_sep & rank_ok[None]) | (~is_sep & (running_rank < k) & last)
+            length = torch.where(is_sep, n_prompt + t, n_prompt + t + 1).float()
+        else:
+            finishing, length = hits & rank_ok[None], torch.full_like(cand_scores, t + 1.0)
+        norm = torch.where(finishing, cand_scores / length ** length_penalty, neg_inf)
         padded = F.pad(cand_tokens, (0, max_length - t - 1), value=PAD_TOKEN_ID)
         pool_scores = torch.cat([fin_scores[active], norm], dim=1)  # (A, 3K)
         pool_tokens = torch.cat([fin_tokens[active], padded], dim=1)
@@ -302,9 +327,12 @@ def _beam_search(
         source = beam.gather(1, pick)  # (A, K) beam each continues
         rows = (torch.arange(a, device=device)[:, None] * k + source).view(-1)
 
-        # Can the best running beam still beat the worst finished hypothesis?
+        # Can the best beam still beat the worst finished hypothesis? (transformers 4.15 asks it of
+        # the best candidate over the length so far, transformers 5 of the best running beam)
         worst_finished = fin_scores[active].min(dim=1).values  # -inf while places are free
-        still_open = run_scores[:, 0] / (t + 1) ** length_penalty > worst_finished
+        best = cand_scores[:, 0] / (n_prompt + t) ** length_penalty if blip_norm else \
+            run_scores[:, 0] / (t + 1) ** length_penalty
+        still_open = best > worst_finished
         images = None  # cross-attention rows, one per live image: unchanged unless one stops
         if not bool(still_open.all()):
             if not bool(still_open.any()):
@@ -334,9 +362,12 @@ def generate_token_ids(
     method: Method = DECODING.method,
     num_captions: int = 1,
     top_p: float = DECODING.top_p,
+    top_k: int | None = DECODING.top_k,
     num_beams: int = DECODING.num_beams,
     max_length: int = DECODING.max_length,
     min_length: int = DECODING.min_length,
+    lengths: str = DECODING.lengths,
+    beam_norm: str = DECODING.beam_norm,
     repetition_penalty: float | None = DECODING.repetition_penalty,
     length_penalty: float = 1.0,
     generator: torch.Generator | None = None,
@@ -350,9 +381,13 @@ def generate_token_ids(
         num_captions: captions per image; for beam search the best ``num_captions`` of the
             final ``num_beams`` hypotheses (so at most ``num_beams``).
         top_p: nucleus mass.
+        top_k: sampling keeps the ``top_k`` most likely tokens before the nucleus (None: all).
         num_beams: beams per image.
-        max_length: most tokens generated after the prompt, [SEP] included.
-        min_length: fewest tokens generated before [SEP] may be chosen.
+        max_length: most tokens, [SEP] included (the prompt's count too with ``lengths="blip"``).
+        min_length: fewest tokens before [SEP] may be chosen (likewise).
+        lengths: "blip" (the prompt counts, as BLIP) or "new_tokens" (generated tokens only).
+        beam_norm: "blip" (transformers 4.15) or "transformers" (transformers 5), see the module
+            docstring.
         repetition_penalty: HF's penalty; None: 1.1 for nucleus, 1.0 otherwise (as BLIP).
         length_penalty: exponent of the length normalisation of beam scores.
         generator: random generator for sampling (on the model's device).
@@ -362,6 +397,14 @@ def generate_token_ids(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if lengths not in ("blip", "new_tokens") or beam_norm not in ("blip", "transformers"):
+        raise ValueError(f"lengths is blip or new_tokens ({lengths!r}), beam_norm blip or transformers "
+                         f"({beam_norm!r})")
+    if lengths == "blip":
+        if max_length <= prompt_ids.numel():
+            raise ValueError(f"max_length={max_length} counts the prompt's {prompt_ids.numel()} tokens "
+                             "(lengths='blip'): nothing would be generated")
+        max_length, min_length = max_length - prompt_ids.numel(), max(0, min_length - prompt_ids.numel())
     if num_captions < 1 or max_length < 1 or min_length < 0:
         raise ValueError("num_captions >= 1, max_length >= 1 and min_length >= 0 are required")
     if method == "beam" and not 1 <= num_captions <= num_beams:
@@ -373,9 +416,10 @@ def generate_token_ids(
     penalty = DEFAULT_REPETITION_PENALTY[method] if repetition_penalty is None else repetition_penalty
     if method == "beam":
         tokens, scores = _beam_search(model, image_embeds, prompt_ids, num_beams, num_captions,
-                                      max_length, min_length, penalty, length_penalty)
+                                      max_length, min_length, penalty, length_penalty,
+                                      beam_norm == "blip")
         return Generation(tokens, scores)
-    tokens = _sample(model, image_embeds, prompt_ids, num_captions, method == "nucleus", top_p,
+    tokens = _sample(model, image_embeds, prompt_ids, num_captions, method == "nucleus", top_p, top_k,
                      max_length, min_length, penalty, generator)
     return Generation(tokens)
 
@@ -501,11 +545,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"nucleus sampling (as CapFilt), beam search or greedy (default {d.method})")
     p.add_argument("--num-captions", type=int, default=1, help="captions per image (default 1)")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus mass (default {d.top_p})")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help=f"sampling keeps the k most likely tokens first (default {d.top_k}; 0: all)")
     p.add_argument("--num-beams", type=int, default=d.num_beams, help=f"beams (default {d.num_beams})")
     p.add_argument("--max-length", type=int, default=d.max_length,
-                   help=f"most tokens after the prompt, [SEP] included (default {d.max_length})")
+                   help=f"most tokens, [SEP] and (--lengths blip) the prompt included "
+                        f"(default {d.max_length})")
     p.add_argument("--min-length", type=int, default=d.min_length,
-                   help=f"fewest tokens after the prompt before [SEP] (default {d.min_length})")
+                   help=f"fewest tokens before [SEP], the prompt included likewise (default {d.min_length})")
+    p.add_argument("--lengths", choices=["blip", "new_tokens"], default=d.lengths,
+                   help="blip (default): the lengths count the prompt, as BLIP; new_tokens: generated only")
+    p.add_argument("--beam-norm", choices=["blip", "transformers"], default=d.beam_norm,
+                   help="beam score normalisation: blip (default, transformers 4.15) or transformers (5)")
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                    help="default: 1.1 for nucleus, 1.0 for beam / greedy (as BLIP)")
     p.add_argument("--seed", type=int, default=recipe.seed, help="sampling seed (default %(default)s)")
@@ -547,8 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, captions in caption_dataset(
             model, tokenizer, dataset, args.batch_size, num_workers=args.num_workers,
             progress=not args.no_progress, stats=stats, bf16=args.bf16, method=args.method,
-            num_captions=args.num_captions, top_p=args.top_p, num_beams=args.num_beams,
-            max_length=args.max_length, min_length=args.min_length,
+            num_captions=args.num_captions, top_p=args.top_p, top_k=args.top_k or None,
+            num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
+            lengths=args.lengths, beam_norm=args.beam_norm,
             repetition_penalty=args.repetition_penalty, generator=generator,
         )
     ]

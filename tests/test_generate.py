@@ -24,6 +24,9 @@ from blip_core.generate import (
 from blip_core.model import BlipModel
 
 MAX_LEN, MIN_LEN = 12, 2
+# The lengths count generated tokens and beams are normalised as transformers 5 does: the
+# references below are written that way (tests/test_decoding_blip.py pins BLIP's rules).
+HF5 = {"lengths": "new_tokens", "beam_norm": "transformers"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def _ids(model, images, prompt, **kw) -> list[list[list[int]]]:
     with inference(model):
         embeds = model.encode_image(images)
         return generate_token_ids(model, embeds, prompt, max_length=MAX_LEN, min_length=MIN_LEN,
-                                  **kw).tokens
+                                  **HF5, **kw).tokens
 
 
 @contextmanager
@@ -184,7 +187,7 @@ def test_image_encoded_once_prompt_fed_once_then_one_token_per_step(
           _count_calls(peaked.text_encoder.embeddings, text),
           _count_calls(peaked.text_encoder.layers[0].cross_attn.key, cross_key)):
         generate_captions(peaked, tokenizer, images[:4], method=method, num_captions=2,
-                          max_length=MAX_LEN, min_length=MIN_LEN,
+                          max_length=MAX_LEN, min_length=MIN_LEN, **HF5,
                           generator=torch.Generator().manual_seed(0))
     assert len(vit) == 1 and vit[0][0] == 4  # one ViT forward for the batch
     assert len(cross_key) == 1  # image keys/values computed once, then read from the cache
@@ -204,7 +207,7 @@ def test_beams_of_an_image_share_its_cross_attention_keys_and_values(peaked, ima
         with inference(peaked):
             embeds = peaked.encode_image(images)
             kw = dict(method="beam", num_beams=3, num_captions=3, max_length=MAX_LEN,
-                      min_length=MIN_LEN)
+                      min_length=MIN_LEN, **HF5)
             batched = generate_token_ids(peaked, embeds, prompt, **kw)
             n_batched = len(seen)
             alone = [generate_token_ids(peaked, embeds[i : i + 1], prompt, **kw)
@@ -242,7 +245,7 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(peaked, image
     with inference(peaked):
         embeds = peaked.encode_image(images)
         beam = generate_token_ids(peaked, embeds, prompt, method="beam", num_beams=3,
-                                  num_captions=3, max_length=MAX_LEN, min_length=MIN_LEN)
+                                  num_captions=3, max_length=MAX_LEN, min_length=MIN_LEN, **HF5)
     greedy = _ids(peaked, images, prompt, method="greedy")
     better = as_good = 0
     for b in range(images.shape[0]):
@@ -269,7 +272,7 @@ def test_nucleus_with_a_tiny_top_p_is_greedy(peaked, images, prompt):
 def test_nucleus_gives_several_different_reproducible_captions(peaked, tokenizer, images):
     def run(seed: int) -> list[list[str]]:
         return generate_captions(peaked, tokenizer, images[:2], method="nucleus", num_captions=4,
-                                 max_length=MAX_LEN, min_length=MIN_LEN,
+                                 max_length=MAX_LEN, min_length=MIN_LEN, **HF5,
                                  generator=torch.Generator().manual_seed(seed))
 
     captions = run(0)
@@ -284,7 +287,7 @@ def test_captions_are_decoded_without_the_prompt(tokenizer, images):
     with torch.no_grad():
         model.lm_head.bias[red] = 100.0
     captions = generate_captions(model, tokenizer, images[:2], method="greedy", max_length=5,
-                                 min_length=0, prompt="A Picture of ")
+                                 min_length=0, prompt="A Picture of ", **HF5)
     assert captions == [["red red red red red"]] * 2
     assert model.training is False
 

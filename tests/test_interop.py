@@ -137,7 +137,7 @@ def test_captioner_export_gives_our_greedy_captions(hf_captioner, model, tokeniz
     prompt_ids = prompt_token_ids(tokenizer, model.cfg.prompt)  # [DEC] a picture of
     with inference(model):
         ours = generate_token_ids(model, model.encode_image(images), prompt_ids, method="greedy",
-                                  max_length=12, min_length=3).tokens
+                                  max_length=12, min_length=3, lengths="new_tokens").tokens
     # HF's generate swaps the first token for bos ([DEC]) and drops the last one ([SEP]).
     prompt = tokenizer([model.cfg.prompt] * len(images), return_tensors="pt").input_ids
     with torch.no_grad():
