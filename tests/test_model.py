@@ -295,7 +295,10 @@ def test_full_forward_backward_gives_all_three_losses(tokenizer):
     assert terms["itm"] == pytest.approx(math.log(2), abs=0.15)
     assert terms["lm"] == pytest.approx(math.log(30524), abs=1.0)
     out.loss.backward()
-    assert model.vision_proj.weight.grad is not None and model.temp.grad is not None
+    for name, param in (("vision_proj", model.vision_proj.weight), ("temp", model.temp),
+                        ("itm_head", model.itm_head.weight), ("lm_head", model.lm_head.bias)):
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name  # each loss reaches the weights only it trains
 
 
 def test_lm_loss_on_scored_positions_equals_the_full_logits_loss(tiny, tokenizer):
