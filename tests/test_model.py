@@ -272,7 +272,9 @@ def test_encoder_and_decoder_share_everything_but_self_attention(tokenizer):
                                                                     id(model.itm_head.bias)}
     lm_head = {id(p) for p in model.lm_head.parameters()}
     assert decoder - encoder == {id(text[n]) for n in causal} | lm_head
-    assert ENC_TOKEN_ID == 30523 and DEC_TOKEN_ID == 30522
+    # the ids the model hard-codes are the tokenizer's, and BLIP's (BERT uncased's 30522 tokens + 2)
+    ids = tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"])
+    assert ids == [DEC_TOKEN_ID, ENC_TOKEN_ID] == [30522, 30523]
 
 
 def test_base_preset_has_the_papers_252m_parameters():
