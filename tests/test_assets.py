@@ -71,6 +71,7 @@ def test_defs_load_with_every_asset_and_check():
     assert {"web_shards_job", "bootstrap_job"} <= {j.name for j in defs.resolve_all_job_defs()}
 
 
+@pytest.mark.slow  # the `lineage` fixture: a whole (tiny) lineage
 def test_web_shards_one_partition_per_shard_with_passing_checks(lineage):
     runs = lineage["result"].shard_runs
     assert sorted(runs) == ["00000.tar", "00001.tar"]
@@ -91,6 +92,7 @@ def test_web_shards_one_partition_per_shard_with_passing_checks(lineage):
         assert checks["web_shards:decodable_images"].metadata["samples"].value == meta["kept"].value
 
 
+@pytest.mark.slow  # the `lineage` fixture: a whole (tiny) lineage
 def test_lineage_materializes_every_asset_with_metadata(lineage):
     run = lineage["result"].main_run
     assert run is not None and run.success
@@ -142,6 +144,7 @@ def test_lineage_materializes_every_asset_with_metadata(lineage):
         assert line in text, text
 
 
+@pytest.mark.slow  # the `lineage` fixture: a whole (tiny) lineage
 def test_lineage_checks_pass_with_observed_values(lineage):
     checks = _checks(lineage["result"].main_run)
     assert set(checks) == {f"human_pairs:{c}" for c in HUMAN_CHECKS} | \
@@ -160,6 +163,7 @@ def test_lineage_checks_pass_with_observed_values(lineage):
     assert split["images_in_several_splits"].value == 0
 
 
+@pytest.mark.slow  # the `lineage` fixture: a whole (tiny) lineage
 def test_rematerialising_with_same_inputs_reuses_the_output(lineage):
     storage = lineage["storage"]
     before = storage.version(dataset_key(["captioner"]))
@@ -171,6 +175,7 @@ def test_rematerialising_with_same_inputs_reuses_the_output(lineage):
     assert meta["loss_curve"].value.startswith("![")  # rebuilt from the checkpoint's history
 
 
+@pytest.mark.slow  # the `lineage` fixture: a whole (tiny) lineage
 def test_corpus_outside_the_noise_band_stops_downstream(lineage):
     """A filter that removes every text (threshold 1) fails the band; nothing below runs."""
     storage, instance, resources = lineage["storage"], lineage["instance"], lineage["resources"]

@@ -44,6 +44,7 @@ def run(tmp_path_factory) -> tuple[Path, dict, str]:
     return out, json.loads((out / "report.json").read_text()), buf.getvalue()
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_report_has_the_documented_keys(run):
     out, report, printed = run
     metrics = {"tr@1", "tr@5", "ir@1", "ir@5", "bleu4", "cider"}
@@ -69,6 +70,7 @@ def test_report_has_the_documented_keys(run):
     assert report["seconds"] > 0 and "| tr@1 |" in printed and "report.json" in printed
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_every_web_text_and_synthetic_caption_is_scored_once_and_counted(run):
     out, report, _ = run
     c = report["corpus"]
@@ -81,6 +83,7 @@ def test_every_web_text_and_synthetic_caption_is_scored_once_and_counted(run):
     assert all((s["prob"] >= report["filter"]["threshold"]) == s["kept"] for s in scores)
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_threshold_is_calibrated_on_the_human_val_split(run):
     """8 val images x 5 captions: 40 own captions (positives), 40 of other images (negatives)."""
     out, report, _ = run
@@ -98,6 +101,7 @@ def test_threshold_is_calibrated_on_the_human_val_split(run):
     assert manifest["calibration"] == calibration and manifest["config"]["threshold"] is None
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_corpus_shards_hold_human_pairs_and_exactly_the_kept_texts(run):
     out, report, _ = run
     c = report["corpus"]
@@ -118,6 +122,7 @@ def test_corpus_shards_hold_human_pairs_and_exactly_the_kept_texts(run):
                 if s.meta["source"] == "human"} & test_ids
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_corpus_without_synthetic_captions_scores_them_but_keeps_only_web_and_human(run, tmp_path):
     from blip_core.capfilt import CapfiltConfig, build_corpus
 
@@ -136,6 +141,7 @@ def test_corpus_without_synthetic_captions_scores_them_but_keeps_only_web_and_hu
     assert (tmp_path / "corpus" / "scores.jsonl").read_text() == (out / "corpus" / "scores.jsonl").read_text()
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_filter_quality_matches_the_stored_truth(run):
     out, report, _ = run
     truth = {}
@@ -151,6 +157,7 @@ def test_filter_quality_matches_the_stored_truth(run):
     assert report["filter"]["recall"] == pytest.approx(sum(removed) / noisy_total)
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_a_second_run_skips_every_completed_stage(run):
     out, report, _ = run
     import contextlib

@@ -389,6 +389,7 @@ def _race(uri: str, lock_path: str | None, source: str, delta: float, start: Any
         out.put((delta, None, False, traceback.format_exc(), None))
 
 
+@pytest.mark.slow  # six promoter processes (forkserver, MLflow imports) per case
 @pytest.mark.parametrize("machines", ["one machine", "several machines"])
 def test_promotions_racing_in_processes_leave_the_best_champion(tracking: MlflowResource, tmp_path: Path,
                                                                  machines: str):
