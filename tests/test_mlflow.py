@@ -223,6 +223,7 @@ def test_metric_keys_are_mlflow_safe():
     assert metric_key("a b/c:d") == "a b/c:d"
 
 
+@pytest.mark.slow  # three models logged, then loaded and run in a fresh interpreter
 def test_models_are_registered_pyfuncs_that_load_and_predict_without_the_repo(
         tracking: MlflowResource, checkpoint: Path, tmp_path: Path):
     @asset

@@ -236,6 +236,7 @@ BROKEN_EVALS: dict[str, Any] = {  # each better than the champion on every numbe
 }
 
 
+@pytest.mark.slow  # nine materializations via the registry (decide() gets the same cases below)
 def test_missing_or_broken_evaluations_are_never_promoted(tracking: MlflowResource, tmp_path: Path):
     """The real report -> asset -> registry path: absent, None, NaN and infinite metrics (and a
     first champion with no baseline) are rejected, recorded, and the champion stays."""
