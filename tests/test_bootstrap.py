@@ -17,11 +17,11 @@ from blip_core.checkpoint import is_checkpoint
 from blip_core.data.formats import list_shards
 from blip_core.data.ingest import iter_valid
 
-N_WEB, N_HUMAN_TRAIN, CAPTIONS = 120, 40, 5
+N_WEB, N_HUMAN_TRAIN, N_HUMAN_TEST, CAPTIONS = 120, 40, 10, 5
 
 OVERRIDES = [
     f"world.n_web={N_WEB}", f"world.n_human_train={N_HUMAN_TRAIN}", "world.n_human_val=8",
-    "world.n_human_test=10", "world.shard_size=50",
+    f"world.n_human_test={N_HUMAN_TEST}", "world.shard_size=50",
     "pretrain.max_steps=4", "pretrain.batch_size=16", "pretrain.warmup_steps=1",
     "captioner.max_steps=2", "captioner.batch_size=16", "captioner.warmup_steps=1",
     "filter.max_steps=2", "filter.batch_size=16", "filter.warmup_steps=1",
@@ -44,8 +44,9 @@ def run(tmp_path_factory) -> tuple[Path, dict, str]:
     return out, json.loads((out / "report.json").read_text()), buf.getvalue()
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_report_has_the_documented_keys(run):
-    _, report, printed = run
+    out, report, printed = run
     metrics = {"tr@1", "tr@5", "ir@1", "ir@5", "bleu4", "cider"}
     assert set(report["baseline"]) == metrics and set(report["bootstrapped"]) == metrics
     assert set(report["filter"]) == {"precision", "recall", "threshold", "calibration"}
@@ -53,12 +54,23 @@ def test_report_has_the_documented_keys(run):
     assert set(report["checkpoints"]) == {"pretrained", "captioner", "filter", "corpus", "bootstrapped"}
     for name, path in report["checkpoints"].items():
         assert name == "corpus" or is_checkpoint(path)
-    for value in [*report["baseline"].values(), *report["bootstrapped"].values()]:
-        assert 0.0 <= value <= 1000.0
-    assert 0.0 <= report["filter"]["precision"] <= 1.0 and 0.0 <= report["filter"]["recall"] <= 1.0
+    # The report's numbers are the evaluation's, and on the test split's 10 images (50 captions)
+    # a recall in percent is a whole number of queries: a multiple of 10 (TR) or of 2 (IR).
+    evaluated = json.loads((out / "eval" / "metrics.json").read_text())["metrics"]
+    for name in ("baseline", "bootstrapped"):
+        m = report[name]
+        assert m == {k: evaluated[name][k] for k in metrics}, name
+        for key, queries in (("tr@1", N_HUMAN_TEST), ("tr@5", N_HUMAN_TEST),
+                             ("ir@1", N_HUMAN_TEST * CAPTIONS), ("ir@5", N_HUMAN_TEST * CAPTIONS)):
+            hits = m[key] * queries / 100
+            assert 0 <= hits <= queries and hits == pytest.approx(round(hits), abs=1e-6), (name, key, m)
+        assert m["tr@1"] <= m["tr@5"] and m["ir@1"] <= m["ir@5"], (name, m)
+        assert 0.0 <= m["bleu4"] <= 100.0 and 0.0 <= m["cider"] <= 1000.0, (name, m)  # CIDEr-D <= 10, x100
+        assert evaluated[name]["n_images"] == N_HUMAN_TEST, name
     assert report["seconds"] > 0 and "| tr@1 |" in printed and "report.json" in printed
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_every_web_text_and_synthetic_caption_is_scored_once_and_counted(run):
     out, report, _ = run
     c = report["corpus"]
@@ -71,6 +83,7 @@ def test_every_web_text_and_synthetic_caption_is_scored_once_and_counted(run):
     assert all((s["prob"] >= report["filter"]["threshold"]) == s["kept"] for s in scores)
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_threshold_is_calibrated_on_the_human_val_split(run):
     """8 val images x 5 captions: 40 own captions (positives), 40 of other images (negatives)."""
     out, report, _ = run
@@ -78,11 +91,17 @@ def test_threshold_is_calibrated_on_the_human_val_split(run):
     assert calibration["method"] == "human" and calibration["split"].endswith("annotations.json:val")
     assert (calibration["positives"], calibration["negatives"]) == (8 * CAPTIONS, 8 * CAPTIONS)
     assert calibration["threshold"] == report["filter"]["threshold"]
-    assert 0.0 <= calibration["threshold"] <= 1.0 and -1.0 <= calibration["youden_j"] <= 1.0
+    # Youden's J is TPR - FPR at the threshold, each a share of the 40 positives / negatives
+    tpr, fpr = calibration["tpr"], calibration["fpr"]
+    assert calibration["youden_j"] == pytest.approx(tpr - fpr)
+    for rate in (tpr, fpr):
+        assert rate * 8 * CAPTIONS == pytest.approx(round(rate * 8 * CAPTIONS), abs=1e-6)
+    assert calibration["youden_j"] >= 0.0  # the lowest cut keeps everything (J = 0): the best is no worse
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
     assert manifest["calibration"] == calibration and manifest["config"]["threshold"] is None
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_corpus_shards_hold_human_pairs_and_exactly_the_kept_texts(run):
     out, report, _ = run
     c = report["corpus"]
@@ -103,6 +122,7 @@ def test_corpus_shards_hold_human_pairs_and_exactly_the_kept_texts(run):
                 if s.meta["source"] == "human"} & test_ids
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_corpus_without_synthetic_captions_scores_them_but_keeps_only_web_and_human(run, tmp_path):
     from blip_core.capfilt import CapfiltConfig, build_corpus
 
@@ -131,6 +151,7 @@ def _removed_web_truth(out: Path, corpus: str) -> tuple[list[bool], int]:
     return [truth[s["key"]] for s in scores if s["source"] == "web" and not s["kept"]], sum(truth.values())
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_filter_quality_matches_the_stored_truth(run):
     out, report, _ = run
     removed, noisy_total = _removed_web_truth(out, "corpus")
@@ -140,6 +161,7 @@ def test_filter_quality_matches_the_stored_truth(run):
     assert report["filter"]["recall"] == pytest.approx(sum(removed) / noisy_total)
 
 
+@pytest.mark.slow  # the `run` fixture: the whole lineage, a few steps per stage
 def test_a_second_run_skips_every_completed_stage(run):
     out, report, _ = run
     import contextlib
@@ -169,6 +191,7 @@ def test_a_partial_yaml_recipe_keeps_the_other_recipe_defaults(tmp_path):
     assert cfg.filter == recipe.filter and cfg.world == recipe.world
 
 
+@pytest.mark.slow  # the `run` fixture, then a second round
 def test_a_second_round_is_what_the_report_scores(run, tmp_path):
     """rounds=2 continues from the first round's folders and reports the second round's corpus,
     filter quality and models."""

@@ -47,6 +47,7 @@ def test_version_adds_pushes_and_returns_the_dvc_hash(tmp_path: Path):
 
 
 @needs_dvc
+@pytest.mark.slow  # several DVC CLI runs
 def test_s3_remote_and_s3_sources(tmp_path: Path, s3_env: str):
     import boto3
 
@@ -69,6 +70,7 @@ def test_s3_remote_and_s3_sources(tmp_path: Path, s3_env: str):
 
 
 @needs_dvc
+@pytest.mark.slow  # several DVC CLI runs
 def test_concurrent_versioning_is_serialised(tmp_path: Path):
     dvc = DvcResource(repo_dir=str(tmp_path / "data"), push=False)
     dvc.ensure_repo()

@@ -368,6 +368,7 @@ materialize(ALL_ASSETS, selection=["web_shards"], partition_key="00000.tar",
 """
 
 
+@pytest.mark.slow  # an asset run in a subprocess, SIGKILLed
 def test_asset_killed_mid_write_leaves_nothing_visible_and_the_rerun_gives_the_same_version(
         ingested: tuple[LocalStorage, DagsterInstance], tiny_world: Path, tmp_path: Path):
     reference, _ = ingested
@@ -452,6 +453,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         stop_process(proc)
 
 
+@pytest.mark.slow  # a real MLflow server (about 10 s to start)
 def test_metrics_logged_while_the_store_is_down_reach_it_when_it_is_back(
         mlflow_server: int, proxies: list[FaultProxy]):
     proxy = FaultProxy(mlflow_server)
@@ -509,6 +511,7 @@ def _events(result: Any) -> str:
     return "\n".join(f"{e.message}\n{e.event_specific_data}" for e in result.all_events)
 
 
+@pytest.mark.slow  # a real MLflow server and three trainings
 def test_mlflow_outage_fails_before_training_or_after_it_and_no_training_result_is_lost(
         ingested: tuple[LocalStorage, DagsterInstance], mlflow_server: int, proxies: list[FaultProxy],
         tmp_path: Path, capfd: pytest.CaptureFixture[str]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a locked dependency: missing, it is an error, not a skip
 from torch.testing import assert_close
 
 from blip_core.checkpoint import load_model, read_config, save_checkpoint
@@ -23,8 +24,6 @@ from blip_core.interop import (
 )
 from blip_core.losses import lm_labels
 from blip_core.model import BlipModel
-
-transformers = pytest.importorskip("transformers")
 
 CAPTIONS = ["a red circle above a blue square", "a green triangle", "two small squares on the left"]
 

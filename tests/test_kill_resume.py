@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -77,6 +78,7 @@ def _assert_complete(folder: Path, model: BlipModel) -> None:
     assert progress["step"] == int(folder.name[5:]), folder
 
 
+@pytest.mark.slow  # six training subprocesses, five SIGKILLed: over a minute
 def test_sigkill_at_random_moments_resumes_to_the_same_weights(tiny_world, tmp_path):
     start = time.monotonic()
     reference = tmp_path / "reference"

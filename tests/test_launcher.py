@@ -111,6 +111,7 @@ def _train_asset(cfg: TrainConfig, seen: list) -> Any:
     return pretrained_med
 
 
+@pytest.mark.slow  # a Pipes training subprocess
 def test_local_subprocess_pipes_round_trip(tiny_world: Path, tmp_path: Path):
     cfg = TrainConfig(data=(str(tiny_world / "web"),), out=str(tmp_path / "ckpt"), **TINY)
     seen: list = []
@@ -188,6 +189,7 @@ class _FakeK8sClient:
                                + b"".join(self.core_api.logs[pod_name][-20:]).decode())
 
 
+@pytest.mark.slow  # a torchrun training in a (fake) pod
 def test_k8s_launcher_pipes_round_trip_with_s3_data(tiny_world: Path, tmp_path: Path, s3_env: str,
                                                     monkeypatch: pytest.MonkeyPatch):
     import boto3

@@ -272,7 +272,9 @@ def test_encoder_and_decoder_share_everything_but_self_attention(tokenizer):
                                                                     id(model.itm_head.bias)}
     lm_head = {id(p) for p in model.lm_head.parameters()}
     assert decoder - encoder == {id(text[n]) for n in causal} | lm_head
-    assert ENC_TOKEN_ID == 30523 and DEC_TOKEN_ID == 30522
+    # the ids the model hard-codes are the tokenizer's, and BLIP's (BERT uncased's 30522 tokens + 2)
+    ids = tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"])
+    assert ids == [DEC_TOKEN_ID, ENC_TOKEN_ID] == [30522, 30523]
 
 
 def test_base_preset_has_the_papers_252m_parameters():
@@ -295,7 +297,10 @@ def test_full_forward_backward_gives_all_three_losses(tokenizer):
     assert terms["itm"] == pytest.approx(math.log(2), abs=0.15)
     assert terms["lm"] == pytest.approx(math.log(30524), abs=1.0)
     out.loss.backward()
-    assert model.vision_proj.weight.grad is not None and model.temp.grad is not None
+    for name, param in (("vision_proj", model.vision_proj.weight), ("temp", model.temp),
+                        ("itm_head", model.itm_head.weight), ("lm_head", model.lm_head.bias)):
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name  # each loss reaches the weights only it trains
 
 
 def test_lm_loss_on_scored_positions_equals_the_full_logits_loss(tiny, tokenizer):

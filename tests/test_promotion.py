@@ -229,6 +229,7 @@ BROKEN_EVALS: dict[str, Any] = {  # each better than the champion on every numbe
 }
 
 
+@pytest.mark.slow  # nine materializations via the registry (decide() gets the same cases below)
 def test_missing_or_broken_evaluations_are_never_promoted(tracking: MlflowResource, tmp_path: Path):
     """The real report -> asset -> registry path: absent, None, NaN and infinite metrics (and a
     first champion with no baseline) are rejected, recorded, and the champion stays."""
@@ -383,6 +384,7 @@ def _race(uri: str, lock_path: str | None, source: str, delta: float, start: Any
         out.put((delta, None, False, traceback.format_exc(), None))
 
 
+@pytest.mark.slow  # six promoter processes (forkserver, MLflow imports) per case
 @pytest.mark.parametrize("machines", ["one machine", "several machines"])
 def test_promotions_racing_in_processes_leave_the_best_champion(tracking: MlflowResource, tmp_path: Path,
                                                                  machines: str):

@@ -123,6 +123,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -
 # --- credentials -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a Pipes training subprocess and a real MLflow server: about a minute
 def test_a_lineage_run_leaks_no_credential(mlflow_server: Server, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch,
                                            capfd: pytest.CaptureFixture[str]):
@@ -201,6 +202,7 @@ def _decoded_pipes_env(pod: dict[str, Any]) -> str:
     return json.dumps([decode_env_var(e["value"]) for e in env if e["name"].startswith("DAGSTER_PIPES_")])
 
 
+@pytest.mark.slow  # a torchrun training in a (fake) pod
 def test_a_k8s_run_carries_credentials_only_by_reference(tmp_path: Path, s3_env: str,
                                                          monkeypatch: pytest.MonkeyPatch):
     """The launcher chosen by the environment runs a pod (fake API, real command) with S3 data.

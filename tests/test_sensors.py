@@ -107,8 +107,16 @@ def test_s3_landing_prefix(instance, tiny_world: Path, s3_env: str):
     assert request.run_key == f"web_shards:00007.tar:{shard.stat().st_size}-{etag.strip(chr(34))}"
 
 
-def test_sensor_targets_the_ingestion_job():
-    assert landing_sensor.job_name == WEB_SHARDS_JOB
+def test_sensor_targets_the_job_that_ingests_one_web_shard_partition():
+    """The job the deployed sensor names exists in ``defs``, materializes ``web_shards`` alone
+    (per partition) and is partitioned by the dynamic partitions the sensor adds."""
+    from orchestration.definitions import defs
+
+    sensor = defs.resolve_sensor_def(landing_sensor.name)
+    job = defs.resolve_job_def(sensor.job_name)
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"web_shards"}
+    assert job.partitions_def is not None and job.partitions_def.name == "web_shards"
+    assert job.name == WEB_SHARDS_JOB  # the name the sensor's run requests and the tests use
 
 
 # --- retraining schedule ----------------------------------------------------------------------
@@ -156,7 +164,13 @@ def test_retrain_skips_while_a_retraining_run_is_in_progress(instance):
 
 def test_schedule_is_off_by_default_and_its_cron_configurable(monkeypatch: pytest.MonkeyPatch):
     assert retrain_schedule.default_status == DefaultScheduleStatus.STOPPED
-    assert retrain_schedule.job_name == RETRAIN_JOB
+    from orchestration.definitions import defs
+
+    retrain = defs.resolve_job_def(defs.resolve_schedule_def(retrain_schedule.name).job_name)
+    assert retrain.name == RETRAIN_JOB  # the job whose runs the schedule looks for (in progress)
+    trained = {k.to_user_string() for k in retrain.asset_layer.executable_asset_keys}
+    assert "web_shards" not in trained  # the shards are ingested by the sensor's job, not again
+    assert {"pretrained_med", "bootstrapped_corpus", "bootstrapped_med", "downstream_evals"} <= trained
     monkeypatch.setenv("BLIP_OPS_RETRAIN_CRON", "*/30 * * * *")
     assert build_retrain_schedule().cron_schedule == "*/30 * * * *"
     assert build_retrain_schedule("0 4 * * 1", running=True).default_status == DefaultScheduleStatus.RUNNING

@@ -189,6 +189,7 @@ def _ingest_on(storage: StorageResource, world: Path, data: Path) -> dict[str, A
     return versions
 
 
+@pytest.mark.slow  # four asset materializations (ingest on local disk and on S3)
 def test_same_assets_on_s3_and_local_give_the_same_data_versions(s3: S3Storage, tmp_path: Path,
                                                                  tiny_world: Path):
     on_local = _ingest_on(LocalStorage(root=str(tmp_path / "data")), tiny_world, tmp_path / "data")
