@@ -112,8 +112,9 @@ def test_sensor_targets_the_job_that_ingests_one_web_shard_partition():
     (per partition) and is partitioned by the dynamic partitions the sensor adds."""
     from orchestration.definitions import defs
 
-    sensor = defs.resolve_sensor_def(landing_sensor.name)
-    job = defs.resolve_job_def(sensor.job_name)
+    deployed = defs()
+    sensor = deployed.resolve_sensor_def(landing_sensor.name)
+    job = deployed.resolve_job_def(sensor.job_name)
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"web_shards"}
     assert job.partitions_def is not None and job.partitions_def.name == "web_shards"
     assert job.name == WEB_SHARDS_JOB  # the name the sensor's run requests and the tests use
@@ -166,7 +167,8 @@ def test_schedule_is_off_by_default_and_its_cron_configurable(monkeypatch: pytes
     assert retrain_schedule.default_status == DefaultScheduleStatus.STOPPED
     from orchestration.definitions import defs
 
-    retrain = defs.resolve_job_def(defs.resolve_schedule_def(retrain_schedule.name).job_name)
+    deployed = defs()
+    retrain = deployed.resolve_job_def(deployed.resolve_schedule_def(retrain_schedule.name).job_name)
     assert retrain.name == RETRAIN_JOB  # the job whose runs the schedule looks for (in progress)
     trained = {k.to_user_string() for k in retrain.asset_layer.executable_asset_keys}
     assert "web_shards" not in trained  # the shards are ingested by the sensor's job, not again
