@@ -32,10 +32,10 @@ run: setup  ## the whole lineage on the embedded shapes world
 	$(UV) run --locked python -m orchestration.main --data $(DATA) \
 		$(if $(filter default,$(strip $(RECIPE))),,--recipe recipes/$(strip $(RECIPE)).yaml)
 
-test: setup  ## the whole test suite, end-to-end runs included
+test: setup  ## the whole test suite: the fast tier and the slow one (lineages, subprocess trainings, servers, UI, recipe)
 	$(UV) run --locked pytest -q
 
-test-fast: setup  ## skip the slow end-to-end runs
+test-fast: setup  ## unit and small integration tests only (deselects the `slow` marker)
 	$(UV) run --locked pytest -q -m "not slow"
 
 lint:
