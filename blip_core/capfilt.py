@@ -343,7 +343,8 @@ def build_corpus(
     rows = score_texts(filters, web, synth, cfg, progress)
     threshold, calibration = choose_threshold(rows, cfg, lambda: calibrate_threshold(
         filters, f"{ann}:{cfg.calibration_split}", cfg, progress))
-    for row in rows:
+    for row in rows:  # decided on the probability as scores.jsonl records it (5 decimals: the last
+        row["prob"] = round(row["prob"], 5)  # digits vary with the batch composition)
         row["kept"] = row["prob"] >= threshold
     kept_by_key: dict[str, list[dict[str, Any]]] = {}  # what goes into the corpus, by web key
     for row in rows:
@@ -375,7 +376,7 @@ def build_corpus(
         counts[f"{source}_kept"], counts[f"{source}_removed"] = kept, total - kept
     with atomic_dir(out) as tmp:
         shards = write_shards(samples(), tmp, cfg.shard_size)
-        scores = "\n".join(json.dumps({**r, "prob": round(r["prob"], 5)}) for r in rows)
+        scores = "\n".join(json.dumps(r) for r in rows)
         (tmp / SCORES_FILE).write_text(scores + "\n", encoding="utf-8")
         manifest = {
             "counts": counts,
