@@ -242,6 +242,7 @@ DOWNSTREAM = ["pretrained_med", "captioner", "filter", "synthetic_captions", "bo
               "bootstrapped_corpus_checks", "bootstrapped_med", "downstream_evals", "registered_model"]
 
 
+@pytest.mark.slow  # shard runs and a main run through the console (about 10 s)
 def test_lineage_console_over_shard_runs_and_the_main_run(tmp_path, tiny_world, capfd):
     storage = LocalStorage(root=str(tmp_path / "data"))
     storage.publish_dir(leaky_human_world(tmp_path, tiny_world), "landing")

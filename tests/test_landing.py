@@ -176,6 +176,7 @@ def test_old_list_cursor_adopts_what_is_landed(instance, tiny_world: Path, tmp_p
     assert json.loads(result.cursor)["requested"] == {"00000.tar": version}
 
 
+@pytest.mark.slow  # the main command's landing and shard runs first
 def test_sensor_after_the_main_command_requests_nothing(instance, tmp_path: Path):
     """``make run`` twice (land, register, ingest each shard), then a sensor tick: nothing to do."""
     storage = LocalStorage(root=str(tmp_path / "data"))
