@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from blip_core.recipe import Recipe
     from orchestration.console import LineageConsole
 
-TRAINING_ASSETS = ("pretrained_med", "captioner", "filter", "bootstrapped_med")
 DAGSTER_YAML = """\
 # Written by orchestration.main / orchestration.ui: the instance the main command and the UI share.
 telemetry:

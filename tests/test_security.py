@@ -34,8 +34,8 @@ from dagster import (
     asset,
     instance_for_test,
     materialize,
+    serialize_value,
 )
-from dagster._serdes import serialize_value
 
 from assets import ALL_ASSETS, ALL_CHECKS
 from blip_core.config import TrainConfig
